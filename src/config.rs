@@ -1,0 +1,416 @@
+//! Command-line flags and `DFLOCKD_*` environment variables, parsed once into
+//! a plain [`Config`]. An explicit flag beats its variable, which beats the
+//! default. Every bad value is an error that names the flag or variable.
+
+use std::ffi::OsString;
+use std::fmt;
+
+/// One setting: its flag, the variables that can also set it, its default.
+struct Spec {
+    flag: &'static str,
+    envs: &'static [&'static str],
+    default: &'static str,
+    meta: &'static str,
+    help: &'static str,
+}
+
+const SPECS: &[Spec] = &[
+    Spec {
+        flag: "host",
+        envs: &["DFLOCKD_HOST"],
+        default: "127.0.0.1",
+        meta: "ADDR",
+        help: "address to listen on (0.0.0.0 or :: for all interfaces)",
+    },
+    Spec {
+        flag: "port",
+        envs: &["DFLOCKD_PORT"],
+        default: "6388",
+        meta: "PORT",
+        help: "TCP port; 0 picks a free port (the bound address is logged)",
+    },
+    Spec {
+        flag: "default-lease-ttl",
+        envs: &["DFLOCKD_DEFAULT_LEASE_TTL_S"],
+        default: "33",
+        meta: "SECS",
+        help: "lease of a grant that names none",
+    },
+    Spec {
+        flag: "lease-sweep-interval",
+        envs: &["DFLOCKD_LEASE_SWEEP_INTERVAL_S"],
+        default: "1",
+        meta: "SECS",
+        help: "accepted for compatibility; leases expire on their own timers",
+    },
+    Spec {
+        flag: "gc-interval",
+        envs: &["DFLOCKD_GC_INTERVAL_S", "DFLOCKD_GC_LOOP_SLEEP"],
+        default: "5",
+        meta: "SECS",
+        help: "how often idle keys are pruned, at most",
+    },
+    Spec {
+        flag: "gc-max-idle",
+        envs: &["DFLOCKD_GC_MAX_IDLE_S", "DFLOCKD_GC_MAX_UNUSED_TIME"],
+        default: "60",
+        meta: "SECS",
+        help: "forget a key with no holder and no waiter after this long",
+    },
+    Spec {
+        flag: "max-locks",
+        envs: &["DFLOCKD_MAX_LOCKS"],
+        default: "1024",
+        meta: "N",
+        help: "most distinct keys (locks and semaphores); 0 = unlimited",
+    },
+    Spec {
+        flag: "max-waiters",
+        envs: &["DFLOCKD_MAX_WAITERS"],
+        default: "0",
+        meta: "N",
+        help: "most waiters per key; 0 = unlimited",
+    },
+    Spec {
+        flag: "max-connections",
+        envs: &["DFLOCKD_MAX_CONNECTIONS"],
+        default: "0",
+        meta: "N",
+        help: "most client connections; over it a new one is closed at once; 0 = unlimited",
+    },
+    Spec {
+        flag: "read-timeout",
+        envs: &["DFLOCKD_READ_TIMEOUT_S", "DFLOCKD_DFLOCKD_READ_TIMEOUT_S"],
+        default: "23",
+        meta: "SECS",
+        help: "close a connection idle or mid-request this long (not while it waits for a grant); 0 = never",
+    },
+    Spec {
+        flag: "write-timeout",
+        envs: &["DFLOCKD_WRITE_TIMEOUT_S"],
+        default: "5",
+        meta: "SECS",
+        help: "close a connection whose output makes no progress this long; 0 = never",
+    },
+    Spec {
+        flag: "shutdown-timeout",
+        envs: &["DFLOCKD_SHUTDOWN_TIMEOUT_S"],
+        default: "30",
+        meta: "SECS",
+        help: "on SIGTERM/SIGINT, exit after this long even if locks are held; 0 = wait forever",
+    },
+    Spec {
+        flag: "auto-release-on-disconnect",
+        envs: &["DFLOCKD_AUTO_RELEASE_ON_DISCONNECT"],
+        default: "true",
+        meta: "BOOL",
+        help: "release a connection's locks when it closes (--no-auto-release-on-disconnect to keep them until their leases end)",
+    },
+    Spec {
+        flag: "debug",
+        envs: &["DFLOCKD_DEBUG"],
+        default: "false",
+        meta: "BOOL",
+        help: "log at debug level (RUST_LOG, if set, takes precedence)",
+    },
+];
+
+/// The server's settings, validated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub host: String,
+    pub port: u16,
+    pub default_lease_ttl_s: u64,
+    pub gc_interval_s: u64,
+    pub gc_max_idle_s: u64,
+    pub max_locks: usize,
+    pub max_waiters: usize,
+    pub max_connections: usize,
+    pub read_timeout_s: u64,
+    pub write_timeout_s: u64,
+    pub shutdown_timeout_s: u64,
+    pub auto_release_on_disconnect: bool,
+    pub debug: bool,
+}
+
+/// What the command line asks for.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Action {
+    Run(Config),
+    Help,
+    Version,
+}
+
+/// A startup error; the message names the flag or variable at fault.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ConfigError(pub String);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Where a value came from, for error messages.
+enum Source {
+    Flag(&'static str),
+    Env(&'static str),
+    Default(&'static str),
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Source::Flag(name) => write!(f, "--{name}"),
+            Source::Env(name) => write!(f, "environment variable {name}"),
+            Source::Default(name) => write!(f, "default of --{name}"),
+        }
+    }
+}
+
+/// Parses `args` (without the program name) and the environment as given by
+/// `env`.
+pub fn parse<I, E>(args: I, env: E) -> Result<Action, ConfigError>
+where
+    I: IntoIterator,
+    I::Item: Into<OsString>,
+    E: Fn(&str) -> Option<String>,
+{
+    use lexopt::prelude::*;
+    let mut given: Vec<Option<String>> = vec![None; SPECS.len()];
+    let mut parser = lexopt::Parser::from_args(args);
+    let err = |e: lexopt::Error| ConfigError(e.to_string());
+    while let Some(arg) = parser.next().map_err(err)? {
+        match arg {
+            Short('h') | Long("help") => return Ok(Action::Help),
+            Short('V') | Long("version") => return Ok(Action::Version),
+            Long(name) => {
+                let (name, negated) = match name.strip_prefix("no-") {
+                    Some(rest) if is_bool(rest) => (rest.to_owned(), true),
+                    _ => (name.to_owned(), false),
+                };
+                let Some(i) = SPECS.iter().position(|s| s.flag == name) else {
+                    return Err(ConfigError(format!("unknown flag --{name} (see --help)")));
+                };
+                let value = if negated {
+                    if parser.optional_value().is_some() {
+                        return Err(ConfigError(format!("--no-{name} takes no value")));
+                    }
+                    "false".to_owned()
+                } else if is_bool(&name) {
+                    match parser.optional_value() {
+                        Some(v) => v.string().map_err(err)?,
+                        None => "true".to_owned(),
+                    }
+                } else {
+                    parser.value().map_err(err)?.string().map_err(err)?
+                };
+                given[i] = Some(value);
+            }
+            other => return Err(ConfigError(other.unexpected().to_string())),
+        }
+    }
+    let value = |flag: &'static str| -> (String, Source) {
+        let i = SPECS
+            .iter()
+            .position(|s| s.flag == flag)
+            .expect("known flag");
+        let spec = &SPECS[i];
+        if let Some(v) = &given[i] {
+            return (v.clone(), Source::Flag(spec.flag));
+        }
+        for &name in spec.envs {
+            if let Some(v) = env(name) {
+                return (v, Source::Env(name));
+            }
+        }
+        (spec.default.to_owned(), Source::Default(spec.flag))
+    };
+    let number = |flag: &'static str, min: u64, max: u64| -> Result<u64, ConfigError> {
+        let (v, src) = value(flag);
+        match v.trim().parse::<u64>() {
+            Ok(n) if (min..=max).contains(&n) => Ok(n),
+            _ => Err(ConfigError(format!(
+                "invalid value {v:?} for {src}: expected an integer from {min} to {max}"
+            ))),
+        }
+    };
+    let boolean = |flag: &'static str| -> Result<bool, ConfigError> {
+        let (v, src) = value(flag);
+        match v.trim().to_ascii_lowercase().as_str() {
+            "1" | "yes" | "true" | "on" => Ok(true),
+            "0" | "no" | "false" | "off" => Ok(false),
+            _ => Err(ConfigError(format!(
+                "invalid value {v:?} for {src}: expected true/false, yes/no or 1/0"
+            ))),
+        }
+    };
+    const SECS: u64 = crate::protocol::request::MAX_NUMBER;
+    const COUNT: u64 = u32::MAX as u64;
+    let (host, host_src) = value("host");
+    if host.trim().is_empty() {
+        return Err(ConfigError(format!("empty value for {host_src}")));
+    }
+    // Validated here for the error message; the value itself is unused.
+    number("lease-sweep-interval", 0, SECS)?;
+    Ok(Action::Run(Config {
+        host: host.trim().to_owned(),
+        port: number("port", 0, u16::MAX as u64)? as u16,
+        default_lease_ttl_s: number("default-lease-ttl", 1, SECS)?,
+        gc_interval_s: number("gc-interval", 1, SECS)?,
+        gc_max_idle_s: number("gc-max-idle", 0, SECS)?,
+        max_locks: number("max-locks", 0, COUNT)? as usize,
+        max_waiters: number("max-waiters", 0, COUNT)? as usize,
+        max_connections: number("max-connections", 0, COUNT)? as usize,
+        read_timeout_s: number("read-timeout", 0, SECS)?,
+        write_timeout_s: number("write-timeout", 0, SECS)?,
+        shutdown_timeout_s: number("shutdown-timeout", 0, SECS)?,
+        auto_release_on_disconnect: boolean("auto-release-on-disconnect")?,
+        debug: boolean("debug")?,
+    }))
+}
+
+fn is_bool(flag: &str) -> bool {
+    SPECS.iter().any(|s| s.flag == flag && s.meta == "BOOL")
+}
+
+/// The `--help` text.
+pub fn help() -> String {
+    let mut s = format!(
+        "dflockd {} - a distributed lock server\n\n\
+         USAGE:\n    dflockd [FLAGS]\n\n\
+         Every flag also takes the --flag=value form. An explicit flag beats its\n\
+         environment variable, which beats the default.\n\nFLAGS:\n",
+        env!("CARGO_PKG_VERSION")
+    );
+    for spec in SPECS {
+        let head = if spec.meta == "BOOL" {
+            format!("--{}[=BOOL]", spec.flag)
+        } else {
+            format!("--{} {}", spec.flag, spec.meta)
+        };
+        s.push_str(&format!(
+            "    {head}\n        {}\n        default: {}; env: {}\n",
+            spec.help,
+            spec.default,
+            spec.envs.join(", ")
+        ));
+    }
+    s.push_str(
+        "    -h, --help\n        print this help\n    -V, --version\n        print the version\n",
+    );
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(args: &[&str], env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        match parse(args.iter().map(|s| s.to_string()), |k| {
+            env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone())
+        })? {
+            Action::Run(c) => Ok(c),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults() {
+        let c = run(&[], &[]).unwrap();
+        assert_eq!(c.host, "127.0.0.1");
+        assert_eq!(c.port, 6388);
+        assert_eq!(c.default_lease_ttl_s, 33);
+        assert_eq!(c.max_locks, 1024);
+        assert_eq!(c.read_timeout_s, 23);
+        assert!(c.auto_release_on_disconnect);
+        assert!(!c.debug);
+    }
+
+    #[test]
+    fn flag_beats_env_beats_default() {
+        assert_eq!(run(&[], &[("DFLOCKD_PORT", "7000")]).unwrap().port, 7000);
+        assert_eq!(
+            run(&["--port", "7001"], &[("DFLOCKD_PORT", "7000")])
+                .unwrap()
+                .port,
+            7001
+        );
+        assert_eq!(run(&["--port=7002"], &[]).unwrap().port, 7002);
+        assert_eq!(
+            run(&[], &[("DFLOCKD_GC_LOOP_SLEEP", "9")])
+                .unwrap()
+                .gc_interval_s,
+            9
+        );
+        assert_eq!(
+            run(&[], &[("DFLOCKD_DFLOCKD_READ_TIMEOUT_S", "4")])
+                .unwrap()
+                .read_timeout_s,
+            4
+        );
+    }
+
+    #[test]
+    fn booleans() {
+        assert!(
+            !run(&["--no-auto-release-on-disconnect"], &[])
+                .unwrap()
+                .auto_release_on_disconnect
+        );
+        assert!(
+            !run(&["--auto-release-on-disconnect=false"], &[])
+                .unwrap()
+                .auto_release_on_disconnect
+        );
+        assert!(
+            run(
+                &["--auto-release-on-disconnect"],
+                &[("DFLOCKD_AUTO_RELEASE_ON_DISCONNECT", "0")]
+            )
+            .unwrap()
+            .auto_release_on_disconnect
+        );
+        assert!(
+            !run(&[], &[("DFLOCKD_AUTO_RELEASE_ON_DISCONNECT", "no")])
+                .unwrap()
+                .auto_release_on_disconnect
+        );
+        assert!(run(&["--debug"], &[]).unwrap().debug);
+    }
+
+    #[test]
+    fn errors_name_the_flag() {
+        let e = run(&["--port", "abc"], &[]).unwrap_err().0;
+        assert!(e.contains("--port"), "{e}");
+        let e = run(&[], &[("DFLOCKD_MAX_LOCKS", "-1")]).unwrap_err().0;
+        assert!(e.contains("DFLOCKD_MAX_LOCKS"), "{e}");
+        let e = run(&["--default-lease-ttl", "0"], &[]).unwrap_err().0;
+        assert!(e.contains("--default-lease-ttl"), "{e}");
+        let e = run(&["--bogus"], &[]).unwrap_err().0;
+        assert!(e.contains("--bogus"), "{e}");
+        let e = run(&["--auto-release-on-disconnect=maybe"], &[])
+            .unwrap_err()
+            .0;
+        assert!(e.contains("--auto-release-on-disconnect"), "{e}");
+        let e = run(&["--port"], &[]).unwrap_err().0;
+        assert!(e.contains("--port"), "{e}");
+    }
+
+    #[test]
+    fn help_lists_every_flag() {
+        let h = help();
+        for s in SPECS {
+            assert!(h.contains(&format!("--{}", s.flag)));
+            for e in s.envs {
+                assert!(h.contains(e));
+            }
+        }
+    }
+}

@@ -1,0 +1,84 @@
+//! The `dflockd` binary: parse the configuration, start logging, serve.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::process::ExitCode;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use dflockd::config::{self, Action, Config};
+use dflockd::core;
+use dflockd::net::{Options, Server};
+
+fn main() -> ExitCode {
+    let cfg = match config::parse(std::env::args_os().skip(1), |k| std::env::var(k).ok()) {
+        Ok(Action::Run(cfg)) => cfg,
+        Ok(Action::Help) => {
+            print!("{}", config::help());
+            return ExitCode::SUCCESS;
+        }
+        Ok(Action::Version) => {
+            println!("dflockd {}", env!("CARGO_PKG_VERSION"));
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("dflockd: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(&cfg);
+    let addr = match resolve(&cfg) {
+        Ok(addr) => addr,
+        Err(e) => {
+            eprintln!("dflockd: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut server = match Server::bind(addr, options(&cfg)) {
+        Ok(s) => s,
+        Err(e) => {
+            log::error!("cannot listen on {addr}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    log::info!("listening on {}", server.local_addr());
+    match server.run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log::error!("event loop failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(cfg: &Config) {
+    let default = if cfg.debug { "debug" } else { "info" };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default)).init();
+}
+
+fn resolve(cfg: &Config) -> Result<SocketAddr, String> {
+    let host = cfg.host.trim_start_matches('[').trim_end_matches(']');
+    (host, cfg.port)
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut it| it.next())
+        .ok_or_else(|| format!("invalid value {:?} for --host: not an address", cfg.host))
+}
+
+fn options(cfg: &Config) -> Options {
+    let fence_seed = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    Options {
+        core: core::Config {
+            default_lease_ms: cfg.default_lease_ttl_s * 1000,
+            max_keys: cfg.max_locks,
+            max_waiters: cfg.max_waiters,
+            gc_interval_ms: cfg.gc_interval_s * 1000,
+            gc_max_idle_ms: cfg.gc_max_idle_s * 1000,
+            auto_release_on_disconnect: cfg.auto_release_on_disconnect,
+        },
+        max_connections: cfg.max_connections,
+        read_timeout_ms: cfg.read_timeout_s * 1000,
+        write_timeout_ms: cfg.write_timeout_s * 1000,
+        fence_seed,
+    }
+}

@@ -1,0 +1,560 @@
+//! The event loop: one `mio::Poll` owning the listener, every connection (in a
+//! slab), the lock state machine and the timers.
+//!
+//! Each loop turn reads the clock once, fires due timers, handles readiness
+//! events (reading until `WouldBlock`, decoding and applying every complete
+//! request), resumes connections whose blocking command was answered, and
+//! finally flushes each connection with pending output once.
+
+mod conn;
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use log::{debug, info, warn};
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Token};
+use slab::Slab;
+
+use crate::core::{self, ConnId, Core, Outbox, Outcome};
+use crate::protocol::{FrameError, Reply, encode_reply, parse_request};
+use crate::timer::TimerWheel;
+use conn::{Closing, Conn, OUTPUT_HIGH_WATER, ReadOutcome};
+
+const LISTENER: Token = Token(usize::MAX - 1);
+/// How long a closing connection may take to read our last reply.
+const LINGER_MS: u64 = 2_000;
+const ACCEPT_BACKOFF_MIN_MS: u64 = 10;
+const ACCEPT_BACKOFF_MAX_MS: u64 = 1_000;
+
+/// Settings of the network layer and the state machine it drives.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub core: core::Config,
+    /// 0 = unlimited.
+    pub max_connections: usize,
+    /// 0 = never.
+    pub read_timeout_ms: u64,
+    /// 0 = never.
+    pub write_timeout_ms: u64,
+    /// Start value of the fencing counter (wall clock in nanoseconds).
+    pub fence_seed: u64,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum NetTimer {
+    Read(ConnId),
+    Write(ConnId),
+    Linger(ConnId),
+    ResumeAccept,
+}
+
+pub struct Server {
+    poll: Poll,
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    conns: Slab<Conn>,
+    core: Core,
+    outbox: Outbox,
+    timers: TimerWheel<NetTimer>,
+    fired: Vec<NetTimer>,
+    opts: Options,
+    start: Instant,
+    now: u64,
+    scratch: Box<[u8]>,
+    dirty: Vec<usize>,
+    ready: Vec<usize>,
+    next_generation: u32,
+    accept_paused: bool,
+    fd_exhausted: bool,
+    accept_backoff_ms: u64,
+}
+
+impl Server {
+    /// Binds the listener. Nothing is served until [`run`](Self::run).
+    pub fn bind(addr: SocketAddr, opts: Options) -> io::Result<Server> {
+        let poll = Poll::new()?;
+        let mut listener = TcpListener::bind(addr)?;
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)?;
+        let local_addr = listener.local_addr()?;
+        let core = Core::new(
+            opts.core.clone(),
+            opts.fence_seed,
+            Box::new(core::OsEntropy),
+        );
+        Ok(Server {
+            poll,
+            listener,
+            local_addr,
+            conns: Slab::new(),
+            core,
+            outbox: Outbox::default(),
+            timers: TimerWheel::new(),
+            fired: Vec::new(),
+            opts,
+            start: Instant::now(),
+            now: 0,
+            scratch: vec![0u8; 64 * 1024].into_boxed_slice(),
+            dirty: Vec::new(),
+            ready: Vec::new(),
+            next_generation: 0,
+            accept_paused: false,
+            fd_exhausted: false,
+            accept_backoff_ms: ACCEPT_BACKOFF_MIN_MS,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Serves until an unrecoverable I/O error of the poll itself.
+    pub fn run(&mut self) -> io::Result<()> {
+        let mut events = Events::with_capacity(1024);
+        loop {
+            let timeout = self.poll_timeout();
+            match self.poll.poll(&mut events, timeout) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+            self.now = self.start.elapsed().as_millis() as u64;
+            self.fire_timers();
+            for event in events.iter() {
+                match event.token() {
+                    LISTENER => self.accept_all(),
+                    Token(idx) => {
+                        if event.is_readable() || event.is_read_closed() || event.is_error() {
+                            self.on_readable(idx, event.is_read_closed());
+                        }
+                        if event.is_writable() {
+                            self.mark_dirty(idx);
+                        }
+                    }
+                }
+            }
+            self.resume_ready();
+            self.flush_dirty();
+        }
+    }
+
+    /// Time until the earliest timer, rounded up so that it never fires early.
+    fn poll_timeout(&self) -> Option<Duration> {
+        let next = match (self.core.next_deadline(), self.timers.next_deadline()) {
+            (Some(a), Some(b)) => a.min(b),
+            (a, b) => a.or(b)?,
+        };
+        let due = self.start + Duration::from_millis(next);
+        let wait = due.saturating_duration_since(Instant::now());
+        // Round up to whole milliseconds (epoll's resolution).
+        Some(Duration::from_millis(wait.as_micros().div_ceil(1000) as u64))
+    }
+
+    // ---- accepting ----
+
+    fn accept_all(&mut self) {
+        loop {
+            match self.listener.accept() {
+                Ok((stream, peer)) => self.admit(stream, peer),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if is_fd_exhaustion(&e) => {
+                    self.pause_accepting(&e);
+                    return;
+                }
+                // The peer gave up before we accepted (ECONNABORTED and the
+                // like): nothing to do for it.
+                Err(e) => debug!("accept failed: {e}"),
+            }
+        }
+    }
+
+    fn admit(&mut self, mut stream: TcpStream, peer: SocketAddr) {
+        if self.opts.max_connections != 0 && self.conns.len() >= self.opts.max_connections {
+            debug!(
+                "refusing {peer}: --max-connections {} reached",
+                self.opts.max_connections
+            );
+            return;
+        }
+        let _ = stream.set_nodelay(true);
+        let entry = self.conns.vacant_entry();
+        let idx = entry.key();
+        self.next_generation = self.next_generation.wrapping_add(1);
+        let id = ((self.next_generation as u64) << 32) | idx as u64;
+        if let Err(e) = self.poll.registry().register(
+            &mut stream,
+            Token(idx),
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            warn!("cannot register connection from {peer}: {e}");
+            return;
+        }
+        let mut conn = Conn::new(id, stream, peer, self.now);
+        if self.opts.read_timeout_ms != 0 {
+            conn.read_timer = Some(
+                self.timers
+                    .insert(self.now + self.opts.read_timeout_ms, NetTimer::Read(id)),
+            );
+        }
+        entry.insert(conn);
+        self.core.connect(id);
+        debug!("conn {id} open from {peer}");
+    }
+
+    fn pause_accepting(&mut self, e: &io::Error) {
+        if !self.fd_exhausted {
+            warn!(
+                "accept failed ({e}): out of file descriptors; pausing accepts, still serving {} connections",
+                self.conns.len()
+            );
+            self.fd_exhausted = true;
+        }
+        let _ = self.poll.registry().deregister(&mut self.listener);
+        self.accept_paused = true;
+        self.timers
+            .insert(self.now + self.accept_backoff_ms, NetTimer::ResumeAccept);
+        self.accept_backoff_ms = (self.accept_backoff_ms * 2).min(ACCEPT_BACKOFF_MAX_MS);
+    }
+
+    fn resume_accepting(&mut self) {
+        self.accept_paused = false;
+        if let Err(e) =
+            self.poll
+                .registry()
+                .register(&mut self.listener, LISTENER, Interest::READABLE)
+        {
+            warn!("cannot re-register the listener: {e}");
+        }
+        // Pending connections do not raise a new edge: accept them now.
+        self.accept_all();
+        if !self.accept_paused && self.fd_exhausted {
+            info!("file descriptors available again; accepting connections");
+            self.fd_exhausted = false;
+            self.accept_backoff_ms = ACCEPT_BACKOFF_MIN_MS;
+        }
+    }
+
+    // ---- timers ----
+
+    fn fire_timers(&mut self) {
+        self.core.tick(self.now, &mut self.outbox);
+        self.dispatch(None);
+        let mut fired = std::mem::take(&mut self.fired);
+        self.timers.expire(self.now, &mut fired);
+        for t in fired.drain(..) {
+            match t {
+                NetTimer::Read(id) => self.on_read_timer(id),
+                NetTimer::Write(id) => self.on_write_timer(id),
+                NetTimer::Linger(id) => {
+                    if let Some(idx) = self.index_of(id) {
+                        self.close(idx, "did not close after our last reply");
+                    }
+                }
+                NetTimer::ResumeAccept => self.resume_accepting(),
+            }
+        }
+        self.fired = fired;
+    }
+
+    fn on_read_timer(&mut self, id: ConnId) {
+        let Some(idx) = self.index_of(id) else { return };
+        let timeout = self.opts.read_timeout_ms;
+        let c = &mut self.conns[idx];
+        c.read_timer = None;
+        if c.closing != Closing::No {
+            return;
+        }
+        // Waiting for a grant is not idleness; neither is recent traffic.
+        let due = if c.blocked {
+            self.now + timeout
+        } else {
+            c.last_request_ms + timeout
+        };
+        if due > self.now {
+            c.read_timer = Some(self.timers.insert(due, NetTimer::Read(id)));
+            return;
+        }
+        let partial = !c.unread().is_empty();
+        debug!(
+            "conn {id}: read timeout ({})",
+            if partial {
+                "request incomplete"
+            } else {
+                "idle"
+            }
+        );
+        self.fail(idx);
+    }
+
+    fn on_write_timer(&mut self, id: ConnId) {
+        let Some(idx) = self.index_of(id) else { return };
+        let timeout = self.opts.write_timeout_ms;
+        let c = &mut self.conns[idx];
+        c.write_timer = None;
+        let Some(since) = c.write_stalled_since else {
+            return;
+        };
+        if since + timeout > self.now {
+            c.write_timer = Some(self.timers.insert(since + timeout, NetTimer::Write(id)));
+            return;
+        }
+        warn!(
+            "conn {id} ({}): output stalled for {} ms with {} bytes unsent; closing",
+            c.peer,
+            timeout,
+            c.unsent()
+        );
+        self.close(idx, "write timeout");
+    }
+
+    // ---- reading and requests ----
+
+    /// Reads until `WouldBlock`, handling requests as they complete.
+    /// `peer_closed` is the poller's word that the peer has shut its side,
+    /// which matters when the input is too full to read the EOF itself.
+    fn on_readable(&mut self, idx: usize, peer_closed: bool) {
+        loop {
+            let Some(c) = self.conns.get_mut(idx) else {
+                return;
+            };
+            match c.read_once(&mut self.scratch) {
+                Ok(ReadOutcome::Data) => {
+                    if c.closing != Closing::No {
+                        // Draining the input of a connection we are closing.
+                        c.input.clear();
+                        c.consumed = 0;
+                        continue;
+                    }
+                    self.process_input(idx);
+                }
+                Ok(ReadOutcome::Full) if peer_closed => {
+                    self.on_eof(idx);
+                    return;
+                }
+                Ok(ReadOutcome::WouldBlock) | Ok(ReadOutcome::Full) => return,
+                Ok(ReadOutcome::Eof) => {
+                    self.on_eof(idx);
+                    return;
+                }
+                Err(e) => {
+                    debug!("conn {}: read error: {e}", c.id);
+                    self.close(idx, "read error");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn on_eof(&mut self, idx: usize) {
+        // Requests that arrived before the close have been answered; send
+        // what we can and go.
+        self.flush(idx);
+        self.close(idx, "peer closed");
+    }
+
+    /// Applies every complete request in the connection's input, until it
+    /// blocks, its output backs up, or the input runs out.
+    fn process_input(&mut self, idx: usize) {
+        loop {
+            let now = self.now;
+            let c = &mut self.conns[idx];
+            if c.blocked || c.closing != Closing::No || c.unsent() > OUTPUT_HIGH_WATER {
+                break;
+            }
+            let frame = match c.decoder.decode(&c.input[c.consumed..]) {
+                Ok(Some(frame)) => frame,
+                Ok(None) => break,
+                Err(FrameError::LineTooLong) => {
+                    warn!("conn {} ({}): line too long; closing", c.id, c.peer);
+                    self.fail(idx);
+                    return;
+                }
+            };
+            let start = c.consumed;
+            c.consumed += frame.len;
+            c.last_request_ms = now;
+            let id = c.id;
+            let outcome = match parse_request(&c.input[start..], &frame) {
+                Ok(req) => self.core.handle(now, id, &req, &mut self.outbox),
+                Err(e) => {
+                    warn!("conn {id} ({}): bad request: {e:?}", c.peer);
+                    self.outbox.replies.push((id, Reply::Error));
+                    Outcome::Replied
+                }
+            };
+            if outcome == Outcome::Blocked {
+                self.conns[idx].blocked = true;
+            }
+            self.dispatch(Some(idx));
+        }
+        let c = &mut self.conns[idx];
+        c.compact_input();
+    }
+
+    /// Delivers the outbox: encodes each reply into its connection's output
+    /// and wakes connections whose blocking command was answered.
+    fn dispatch(&mut self, current: Option<usize>) {
+        for expired in self.outbox.expired.drain(..) {
+            warn!(
+                "lease expired: key {:?} held by conn {}",
+                expired.key, expired.conn
+            );
+        }
+        for i in 0..self.outbox.replies.len() {
+            let (id, reply) = self.outbox.replies[i];
+            let Some(idx) = self.index_of(id) else {
+                continue;
+            };
+            let c = &mut self.conns[idx];
+            encode_reply(&reply, &self.outbox.json, &mut c.output);
+            if c.blocked {
+                // The only reply a blocked connection can get ends its wait.
+                c.blocked = false;
+                c.last_request_ms = self.now;
+                if Some(idx) != current {
+                    self.ready.push(idx);
+                }
+            }
+            if !c.dirty {
+                c.dirty = true;
+                self.dirty.push(idx);
+            }
+        }
+        self.outbox.replies.clear();
+    }
+
+    /// Continues connections that were waiting (for a grant or for their
+    /// output to drain): their pipelined requests are handled in this turn.
+    fn resume_ready(&mut self) {
+        while let Some(idx) = self.ready.pop() {
+            let Some(c) = self.conns.get(idx) else {
+                continue;
+            };
+            let pending = c.input_pending;
+            self.process_input(idx);
+            if pending {
+                self.on_readable(idx, false);
+            }
+        }
+    }
+
+    // ---- writing and closing ----
+
+    fn mark_dirty(&mut self, idx: usize) {
+        if let Some(c) = self.conns.get_mut(idx) {
+            if !c.dirty {
+                c.dirty = true;
+                self.dirty.push(idx);
+            }
+        }
+    }
+
+    /// Flushes every connection with new output, once. Flushing may close a
+    /// connection (handing its locks to others) or drain a backed-up one, so
+    /// repeat until nothing is left to do.
+    fn flush_dirty(&mut self) {
+        while !self.dirty.is_empty() || !self.ready.is_empty() {
+            self.resume_ready();
+            let mut dirty = std::mem::take(&mut self.dirty);
+            for &idx in &dirty {
+                if let Some(c) = self.conns.get_mut(idx) {
+                    c.dirty = false;
+                    self.flush(idx);
+                }
+            }
+            dirty.clear();
+            if self.dirty.is_empty() {
+                self.dirty = dirty;
+            }
+        }
+    }
+
+    fn flush(&mut self, idx: usize) {
+        let Some(c) = self.conns.get_mut(idx) else {
+            return;
+        };
+        let was_backed_up = c.unsent() > OUTPUT_HIGH_WATER;
+        let before = c.unsent();
+        match c.flush() {
+            Ok(true) => {
+                if c.unsent() < before || c.write_stalled_since.is_none() {
+                    c.write_stalled_since = Some(self.now);
+                }
+                if self.opts.write_timeout_ms != 0 && c.write_timer.is_none() {
+                    let id = c.id;
+                    c.write_timer = Some(
+                        self.timers
+                            .insert(self.now + self.opts.write_timeout_ms, NetTimer::Write(id)),
+                    );
+                }
+            }
+            Ok(false) => {
+                c.write_stalled_since = None;
+                if c.closing == Closing::AfterFlush && !c.write_shut {
+                    c.write_shut = true;
+                    let _ = c.stream.shutdown(std::net::Shutdown::Write);
+                }
+            }
+            Err(e) => {
+                debug!("conn {}: write error: {e}", c.id);
+                self.close(idx, "write error");
+                return;
+            }
+        }
+        let c = &self.conns[idx];
+        if was_backed_up && c.unsent() <= OUTPUT_HIGH_WATER && c.closing == Closing::No {
+            self.ready.push(idx);
+        }
+    }
+
+    /// Answers `error` after a read-level failure and closes the connection
+    /// once the reply has been sent.
+    fn fail(&mut self, idx: usize) {
+        let now = self.now;
+        let c = &mut self.conns[idx];
+        let id = c.id;
+        encode_reply(&Reply::Error, &[], &mut c.output);
+        c.closing = Closing::AfterFlush;
+        c.blocked = false;
+        c.input.clear();
+        c.consumed = 0;
+        c.linger_timer = Some(self.timers.insert(now + LINGER_MS, NetTimer::Linger(id)));
+        // The connection is finished as far as the locks are concerned.
+        self.core.disconnect(now, id, &mut self.outbox);
+        self.dispatch(Some(idx));
+        self.mark_dirty(idx);
+    }
+
+    fn close(&mut self, idx: usize, why: &str) {
+        let Some(mut c) = self.conns.try_remove(idx) else {
+            return;
+        };
+        let _ = self.poll.registry().deregister(&mut c.stream);
+        for t in [c.read_timer, c.write_timer, c.linger_timer]
+            .into_iter()
+            .flatten()
+        {
+            self.timers.cancel(t);
+        }
+        debug!("conn {} closed ({why})", c.id);
+        self.core.disconnect(self.now, c.id, &mut self.outbox);
+        self.dispatch(None);
+    }
+
+    fn index_of(&self, id: ConnId) -> Option<usize> {
+        let idx = (id & 0xffff_ffff) as usize;
+        self.conns.get(idx).filter(|c| c.id == id).map(|_| idx)
+    }
+}
+
+/// EMFILE, ENFILE, ENOBUFS, ENOMEM: accepting again at once would only spin.
+fn is_fd_exhaustion(e: &io::Error) -> bool {
+    const EMFILE: i32 = 24;
+    const ENFILE: i32 = 23;
+    const ENOBUFS: i32 = 105;
+    const ENOMEM: i32 = 12;
+    matches!(e.raw_os_error(), Some(EMFILE | ENFILE | ENOBUFS | ENOMEM))
+}
