@@ -131,11 +131,10 @@ mod tests {
         )
     }
 
+    type Lines = (Vec<u8>, Vec<u8>, Vec<u8>);
+
     /// Decodes a whole stream fed in pieces of `step` bytes.
-    fn decode_split(
-        input: &[u8],
-        step: usize,
-    ) -> (Vec<(Vec<u8>, Vec<u8>, Vec<u8>)>, Option<FrameError>) {
+    fn decode_split(input: &[u8], step: usize) -> (Vec<Lines>, Option<FrameError>) {
         let mut d = FrameDecoder::new();
         let mut buf: Vec<u8> = Vec::new();
         let mut out = Vec::new();
@@ -167,7 +166,7 @@ mod tests {
         let too_long = "x".repeat(LINE_MAX + 1);
         let long_cr = format!("{}\r", "x".repeat(LINE_MAX - 1));
         let payload = "p".repeat(LONG_LINE_MAX);
-        let cases: Vec<(String, Vec<(Vec<u8>, Vec<u8>, Vec<u8>)>, Option<FrameError>)> = vec![
+        let cases: Vec<(String, Vec<Lines>, Option<FrameError>)> = vec![
             ("l\nk\n10\n".into(), vec![(v("l"), v("k"), v("10"))], None),
             (
                 "l\r\nk\r\n10\r\n".into(),
@@ -197,7 +196,7 @@ mod tests {
                 vec![],
                 Some(FrameError::LineTooLong),
             ),
-            (format!("{too_long}"), vec![], Some(FrameError::LineTooLong)),
+            (too_long.clone(), vec![], Some(FrameError::LineTooLong)),
             (
                 format!("l\nk\n{too_long}\n"),
                 vec![],
@@ -276,7 +275,7 @@ mod tests {
         let mut buf = Vec::new();
         let mut err = None;
         for _ in 0..(1 << 20) {
-            buf.push(b'a');
+            buf.extend_from_slice(b"a");
             match d.decode(&buf) {
                 Ok(None) => {}
                 Ok(Some(_)) => panic!("frame from garbage"),

@@ -1,0 +1,203 @@
+//! Shared helpers for the integration tests: start the real binary on an
+//! ephemeral port and talk to it over raw TCP.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+pub struct Server {
+    pub child: Child,
+    pub port: u16,
+    pub log: mpsc::Receiver<String>,
+}
+
+impl Server {
+    pub fn start(args: &[&str]) -> Server {
+        Self::start_with_env(args, &[])
+    }
+
+    #[allow(clippy::zombie_processes)] // waited for in Drop
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Server {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_dflockd"));
+        cmd.args(["--port", "0"]).args(args);
+        cmd.env_remove("RUST_LOG");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn dflockd");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = rx
+                .recv_timeout(left)
+                .expect("server did not log its address");
+            if let Some(rest) = line.split("listening on ").nth(1) {
+                let port = rest.trim().rsplit(':').next().unwrap().parse().unwrap();
+                return Server {
+                    child,
+                    port,
+                    log: rx,
+                };
+            }
+        }
+    }
+
+    pub fn connect(&self) -> Client {
+        Client::connect(self.port)
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Log lines printed so far.
+    pub fn drain_log(&self) -> Vec<String> {
+        self.log.try_iter().collect()
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+    }
+
+    /// Waits for the process to exit, returning its code.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<i32> {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st.code();
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub struct Client {
+    pub stream: TcpStream,
+    reader: BufReader<TcpStream>,
+}
+
+impl Client {
+    pub fn connect(port: u16) -> Client {
+        let stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        stream.set_nodelay(true).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let reader = BufReader::new(stream.try_clone().unwrap());
+        Client { stream, reader }
+    }
+
+    pub fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).unwrap();
+    }
+
+    pub fn send_cmd(&mut self, cmd: &str, key: &str, arg: &str) {
+        self.send(format!("{cmd}\n{key}\n{arg}\n").as_bytes());
+    }
+
+    /// Reads one reply line (without its newline); panics on timeout.
+    pub fn line(&mut self) -> String {
+        let mut s = String::new();
+        let n = self.reader.read_line(&mut s).expect("read reply");
+        assert!(n > 0, "server closed the connection");
+        s.trim_end_matches('\n').to_string()
+    }
+
+    /// Reads a line or EOF (None) within `t`.
+    pub fn line_within(&mut self, t: Duration) -> Result<Option<String>, std::io::Error> {
+        self.stream.set_read_timeout(Some(t)).unwrap();
+        let mut s = String::new();
+        let r = self.reader.read_line(&mut s);
+        self.stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        match r? {
+            0 => Ok(None),
+            _ => Ok(Some(s.trim_end_matches('\n').to_string())),
+        }
+    }
+
+    pub fn cmd(&mut self, cmd: &str, key: &str, arg: &str) -> String {
+        self.send_cmd(cmd, key, arg);
+        self.line()
+    }
+
+    /// `l` and return the token (panics unless granted).
+    pub fn lock(&mut self, key: &str, arg: &str) -> String {
+        let r = self.cmd("l", key, arg);
+        token_of(&r)
+    }
+
+    /// True once the server has closed the connection (EOF within `t`).
+    pub fn closed_within(&mut self, t: Duration) -> bool {
+        self.stream.set_read_timeout(Some(t)).unwrap();
+        let mut buf = [0u8; 1024];
+        let deadline = Instant::now() + t;
+        loop {
+            match self.reader.read(&mut buf) {
+                Ok(0) => return true,
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+                Err(_) => return false,
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+        }
+    }
+
+    pub fn shutdown(&self) {
+        let _ = self.stream.shutdown(Shutdown::Both);
+    }
+}
+
+/// The token of an `ok <token> <lease>` or `acquired <token> <lease>` reply.
+pub fn token_of(reply: &str) -> String {
+    let f: Vec<&str> = reply.split(' ').collect();
+    assert!(
+        f.len() == 3 && (f[0] == "ok" || f[0] == "acquired") && f[1].len() == 32,
+        "not a grant: {reply:?}"
+    );
+    f[1].to_string()
+}
+
+/// The stats JSON (after `ok `).
+pub fn stats(c: &mut Client) -> String {
+    let r = c.cmd("stats", "_", "_");
+    r.strip_prefix("ok ").expect("stats reply").to_string()
+}
