@@ -14,7 +14,10 @@ fn wait_for_stats(c: &mut Client, needle: &str) {
         if s.contains(needle) {
             return;
         }
-        assert!(Instant::now() < deadline, "stats never showed {needle}: {s}");
+        assert!(
+            Instant::now() < deadline,
+            "stats never showed {needle}: {s}"
+        );
         std::thread::sleep(Duration::from_millis(2));
     }
 }
@@ -31,7 +34,10 @@ fn every_semaphore_command_and_status() {
     assert_eq!(b.cmd("se", "s", "3"), "error_limit_mismatch");
     assert_eq!(a.cmd("sn", "s", &t1), "ok 33");
     assert_eq!(a.cmd("sn", "s", &format!("{t2} 4")), "ok 4");
-    assert_eq!(a.cmd("sn", "s", "ffffffffffffffffffffffffffffffff"), "error");
+    assert_eq!(
+        a.cmd("sn", "s", "ffffffffffffffffffffffffffffffff"),
+        "error"
+    );
     assert_eq!(b.cmd("se", "s", "2 5"), "queued");
     assert_eq!(b.cmd("se", "s", "2"), "error_already_enqueued");
     assert_eq!(b.cmd("sw", "s", "0"), "timeout");
@@ -100,7 +106,10 @@ fn expiry_and_disconnect_hand_off_slots() {
     let t0 = Instant::now();
     assert!(c.line().starts_with("ok "));
     let took = t0.elapsed();
-    assert!(took >= Duration::from_millis(800) && took < Duration::from_millis(1600), "{took:?}");
+    assert!(
+        took >= Duration::from_millis(800) && took < Duration::from_millis(1600),
+        "{took:?}"
+    );
     let mut d = s.connect();
     d.send_cmd("sl", "h", "10 2");
     std::thread::sleep(Duration::from_millis(50));

@@ -13,6 +13,7 @@
 //! that the caller advances with [`Core::tick`].
 
 mod invariants;
+pub mod signals;
 mod stats;
 pub mod tokens;
 
@@ -21,8 +22,10 @@ use std::collections::VecDeque;
 use hashbrown::HashMap;
 use slab::Slab;
 
+use crate::protocol::reply::encode_signal;
 use crate::protocol::{Reply, Request, Token};
 use crate::timer::{TimerHandle, TimerWheel};
+use signals::Signals;
 use tokens::TokenSource;
 pub use tokens::{Entropy, OsEntropy, SeededEntropy};
 
@@ -43,6 +46,8 @@ pub struct Config {
     pub gc_max_idle_ms: u64,
     /// Release a connection's holdings when it disconnects.
     pub auto_release_on_disconnect: bool,
+    /// Most signal subscriptions per connection; 0 = unlimited.
+    pub max_subscriptions: usize,
 }
 
 impl Default for Config {
@@ -54,6 +59,7 @@ impl Default for Config {
             gc_interval_ms: 5_000,
             gc_max_idle_ms: 60_000,
             auto_release_on_disconnect: true,
+            max_subscriptions: 0,
         }
     }
 }
@@ -83,6 +89,18 @@ pub struct Outbox {
     pub expired: Vec<LeaseExpired>,
     /// The body of the last [`Reply::Stats`].
     pub json: Vec<u8>,
+    /// The line of the last signal published, for every [`Reply::Signal`].
+    pub signal: Vec<u8>,
+}
+
+impl Outbox {
+    /// The body that goes with `reply` when it is encoded.
+    pub fn body(&self, reply: &Reply) -> &[u8] {
+        match reply {
+            Reply::Signal => &self.signal,
+            _ => &self.json,
+        }
+    }
 }
 
 impl Outbox {
@@ -99,6 +117,8 @@ pub struct Counters {
     pub releases: u64,
     pub acquire_timeouts: u64,
     pub lease_expiries: u64,
+    pub signals_published: u64,
+    pub signals_delivered: u64,
 }
 
 const NIL: u32 = u32::MAX;
@@ -204,6 +224,8 @@ pub struct Core {
     draining: bool,
     counters: Counters,
     fired: Vec<CoreTimer>,
+    signals: Signals,
+    receivers: Vec<ConnId>,
 }
 
 fn replied(out: &mut Outbox, conn: ConnId, reply: Reply) -> Outcome {
@@ -229,6 +251,8 @@ impl Core {
             draining: false,
             counters: Counters::default(),
             fired: Vec::new(),
+            signals: Signals::new(),
+            receivers: Vec::new(),
         }
     }
 
@@ -312,13 +336,48 @@ impl Core {
             // Authentication is settled by the connection layer before any
             // request reaches the state machine; a stray `auth` is an error.
             Request::Auth { .. } => replied(out, conn, Reply::Error),
+            Request::Listen { pattern, group } => {
+                let max = self.cfg.max_subscriptions;
+                if max != 0
+                    && self.signals.count_for(conn) >= max
+                    && !self.signals.is_member(conn, pattern, group)
+                {
+                    return replied(out, conn, Reply::Error);
+                }
+                self.signals.listen(conn, pattern, group);
+                replied(out, conn, Reply::Ok)
+            }
+            Request::Unlisten { pattern, group } => {
+                self.signals.unlisten(conn, pattern, group);
+                replied(out, conn, Reply::Ok)
+            }
+            Request::Signal { channel, payload } => {
+                let mut receivers = std::mem::take(&mut self.receivers);
+                receivers.clear();
+                let n = self.signals.publish(channel, &mut receivers);
+                if n > 0 {
+                    encode_signal(channel, payload, &mut out.signal);
+                }
+                out.replies
+                    .extend(receivers.iter().map(|&r| (r, Reply::Signal)));
+                self.receivers = receivers;
+                self.counters.signals_published += 1;
+                self.counters.signals_delivered += n as u64;
+                replied(out, conn, Reply::OkNumber(n as u64))
+            }
         }
+    }
+
+    /// The signal subscriptions, for stats and tests.
+    pub fn signals(&self) -> &Signals {
+        &self.signals
     }
 
     /// Forgets a connection: drops its waiters and two-phase entries, and
     /// releases what it holds if auto-release is on (else leaves the leases to
     /// run out).
     pub fn disconnect(&mut self, now: u64, conn: ConnId, out: &mut Outbox) {
+        self.signals.disconnect(conn);
         let Some(state) = self.conns.remove(&conn) else {
             return;
         };

@@ -39,7 +39,20 @@ impl Core {
         };
         self.write_list(out, "idle_locks", idle_lock, idle_s);
         self.write_list(out, "idle_semaphores", idle_sem, idle_s);
-        out.extend_from_slice(b",\"signal_channels\":[]}");
+        out.extend_from_slice(b",\"signal_channels\":[");
+        for (i, (pattern, group, listeners)) in self.signals.channels().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(b"{\"pattern\":");
+            push_json_string(out, pattern);
+            out.extend_from_slice(b",\"group\":");
+            push_json_string(out, group);
+            out.extend_from_slice(b",\"listeners\":");
+            push_u64(out, listeners as u64);
+            out.push(b'}');
+        }
+        out.extend_from_slice(b"]}");
     }
 
     fn write_list(

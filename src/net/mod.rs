@@ -34,6 +34,8 @@ pub struct Options {
     pub core: core::Config,
     /// 0 = unlimited.
     pub max_connections: usize,
+    /// Unsent output past which a connection receiving signals is dropped.
+    pub max_output_buffer: usize,
     /// 0 = never.
     pub read_timeout_ms: u64,
     /// 0 = never.
@@ -65,6 +67,8 @@ pub struct Server {
     scratch: Box<[u8]>,
     dirty: Vec<usize>,
     ready: Vec<usize>,
+    /// Listeners found over the output cap while delivering signals.
+    slow: Vec<usize>,
     next_generation: u32,
     accept_paused: bool,
     fd_exhausted: bool,
@@ -99,6 +103,7 @@ impl Server {
             scratch: vec![0u8; 64 * 1024].into_boxed_slice(),
             dirty: Vec::new(),
             ready: Vec::new(),
+            slow: Vec::new(),
             next_generation: 0,
             accept_paused: false,
             fd_exhausted: false,
@@ -409,8 +414,14 @@ impl Server {
                 continue;
             };
             let c = &mut self.conns[idx];
-            encode_reply(&reply, &self.outbox.json, &mut c.output);
-            if c.blocked {
+            encode_reply(&reply, self.outbox.body(&reply), &mut c.output);
+            if reply.is_push()
+                && c.unsent() > self.opts.max_output_buffer
+                && c.closing == Closing::No
+            {
+                self.slow.push(idx);
+            }
+            if c.blocked && !reply.is_push() {
                 // The only reply a blocked connection can get ends its wait.
                 c.blocked = false;
                 c.last_request_ms = self.now;
@@ -424,6 +435,18 @@ impl Server {
             }
         }
         self.outbox.replies.clear();
+        while let Some(idx) = self.slow.pop() {
+            let Some(c) = self.conns.get(idx) else {
+                continue;
+            };
+            warn!(
+                "conn {} ({}): slow consumer, {} bytes of signals unsent; disconnecting",
+                c.id,
+                c.peer,
+                c.unsent()
+            );
+            self.close(idx, "slow consumer");
+        }
     }
 
     /// Continues connections that were waiting (for a grant or for their

@@ -21,6 +21,9 @@ pub enum Reply {
     OkNumber(u64),
     /// `ok <json>`: the JSON is supplied separately by the caller.
     Stats,
+    /// A pushed `sig <channel> <payload>` line, supplied separately by the
+    /// caller; not an answer to the receiver's own request.
+    Signal,
     Queued,
     Timeout,
     Error,
@@ -39,6 +42,7 @@ impl Reply {
     pub fn status(&self) -> &'static str {
         match self {
             Reply::Ok | Reply::Granted { .. } | Reply::OkNumber(_) | Reply::Stats => "ok",
+            Reply::Signal => "sig",
             Reply::Acquired { .. } => "acquired",
             Reply::Queued => "queued",
             Reply::Timeout => "timeout",
@@ -55,9 +59,14 @@ impl Reply {
     }
 }
 
-/// Appends `reply` and its newline to `out`. For [`Reply::Stats`], `json`
-/// is the body; it is ignored otherwise.
-pub fn encode_reply(reply: &Reply, json: &[u8], out: &mut Vec<u8>) {
+/// Appends `reply` and its newline to `out`. For [`Reply::Stats`], `body` is
+/// the JSON; for [`Reply::Signal`] it is the whole line made by
+/// [`encode_signal`]; it is ignored otherwise.
+pub fn encode_reply(reply: &Reply, body: &[u8], out: &mut Vec<u8>) {
+    if let Reply::Signal = reply {
+        out.extend_from_slice(body);
+        return;
+    }
     out.extend_from_slice(reply.status().as_bytes());
     match *reply {
         Reply::Granted { token, lease_s } | Reply::Acquired { token, lease_s } => {
@@ -74,10 +83,27 @@ pub fn encode_reply(reply: &Reply, json: &[u8], out: &mut Vec<u8>) {
         }
         Reply::Stats => {
             out.push(b' ');
-            out.extend_from_slice(json);
+            out.extend_from_slice(body);
         }
         _ => {}
     }
+    out.push(b'\n');
+}
+
+impl Reply {
+    /// Whether this line is pushed rather than answering a request.
+    pub fn is_push(&self) -> bool {
+        matches!(self, Reply::Signal)
+    }
+}
+
+/// Encodes the pushed line of a signal, once per publish.
+pub fn encode_signal(channel: &str, payload: &str, out: &mut Vec<u8>) {
+    out.clear();
+    out.extend_from_slice(b"sig ");
+    out.extend_from_slice(channel.as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(payload.as_bytes());
     out.push(b'\n');
 }
 

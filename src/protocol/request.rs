@@ -1,6 +1,7 @@
 //! Typed requests and the parse-level validation of a frame's three lines.
 
 use super::frame::Frame;
+use crate::core::signals::{validate_channel, validate_pattern};
 
 /// Whether a command came in its lock form (`l`, `r`, ...) or its semaphore
 /// form (`sl`, `sr`, ...). Both act on the same resources; the kind only
@@ -52,6 +53,21 @@ pub enum Request<'a> {
     Auth {
         token: &'a [u8],
     },
+    /// `listen <pattern> <group>`; an empty group is a plain subscription.
+    Listen {
+        pattern: &'a str,
+        group: &'a str,
+    },
+    /// `unlisten <pattern> <group>`.
+    Unlisten {
+        pattern: &'a str,
+        group: &'a str,
+    },
+    /// `signal <channel> <payload>`: the payload is the whole arg line.
+    Signal {
+        channel: &'a str,
+        payload: &'a str,
+    },
 }
 
 impl Request<'_> {
@@ -72,6 +88,9 @@ impl Request<'_> {
             Request::Ping => "ping",
             Request::Stats => "stats",
             Request::Auth { .. } => "auth",
+            Request::Listen { .. } => "listen",
+            Request::Unlisten { .. } => "unlisten",
+            Request::Signal { .. } => "signal",
         }
     }
 }
@@ -90,6 +109,10 @@ pub enum ParseError {
     NumberTooLarge,
     /// A lease or limit of zero.
     Zero,
+    /// A malformed `listen` pattern or a `signal` channel with a wildcard.
+    BadSubject,
+    /// A `signal` payload that is empty or only whitespace.
+    EmptyPayload,
 }
 
 /// Largest number accepted in any numeric field (seconds that still fit in
@@ -109,6 +132,33 @@ pub fn parse_request<'a>(buf: &'a [u8], frame: &Frame) -> Result<Request<'a>, Pa
     }
     let key = std::str::from_utf8(key_bytes).map_err(|_| ParseError::InvalidUtf8)?;
     let arg = std::str::from_utf8(arg_bytes).map_err(|_| ParseError::InvalidUtf8)?;
+    match command {
+        b"listen" | b"unlisten" => {
+            let pattern = valid_key(key)?;
+            validate_pattern(pattern).map_err(|_| ParseError::BadSubject)?;
+            let group = arg.trim();
+            if group.chars().any(char::is_whitespace) {
+                return Err(ParseError::ArgCount);
+            }
+            return Ok(if command == b"listen" {
+                Request::Listen { pattern, group }
+            } else {
+                Request::Unlisten { pattern, group }
+            });
+        }
+        b"signal" => {
+            let channel = valid_key(key)?;
+            validate_channel(channel).map_err(|_| ParseError::BadSubject)?;
+            if arg.trim().is_empty() {
+                return Err(ParseError::EmptyPayload);
+            }
+            return Ok(Request::Signal {
+                channel,
+                payload: arg,
+            });
+        }
+        _ => {}
+    }
     let mut fields = Fields::split(arg)?;
     let req = match command {
         b"ping" => Request::Ping,
@@ -458,6 +508,42 @@ mod tests {
                 "auth\n_\n secret \n",
                 Ok(Request::Auth { token: b"secret" }),
             ),
+            (
+                "listen\na.*\n\n",
+                Ok(Request::Listen {
+                    pattern: "a.*",
+                    group: "",
+                }),
+            ),
+            (
+                "listen\na.>\n g1 \n",
+                Ok(Request::Listen {
+                    pattern: "a.>",
+                    group: "g1",
+                }),
+            ),
+            (
+                "unlisten\na.b\ng\n",
+                Ok(Request::Unlisten {
+                    pattern: "a.b",
+                    group: "g",
+                }),
+            ),
+            ("listen\na.>.b\n\n", Err(BadSubject)),
+            ("listen\na*\n\n", Err(BadSubject)),
+            ("listen\na..b\n\n", Err(BadSubject)),
+            ("listen\n\n\n", Err(BadKey)),
+            ("listen\na\ng h\n", Err(ArgCount)),
+            (
+                "signal\na.b\nhello  world \n",
+                Ok(Request::Signal {
+                    channel: "a.b",
+                    payload: "hello  world ",
+                }),
+            ),
+            ("signal\na.*\nx\n", Err(BadSubject)),
+            ("signal\na.b\n   \n", Err(EmptyPayload)),
+            ("signal\na.b\n\n", Err(EmptyPayload)),
             ("x\nk\n1\n", Err(UnknownCommand)),
             ("L\nk\n1\n", Err(UnknownCommand)),
             ("\n\n\n", Err(UnknownCommand)),
