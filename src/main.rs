@@ -6,7 +6,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use dflockd::config::{self, Action, Config};
 use dflockd::core;
-use dflockd::net::{Options, Server};
+use dflockd::net::{Options, Server, Shutdown};
 
 fn main() -> ExitCode {
     let cfg = match config::parse(std::env::args_os().skip(1), |k| std::env::var(k).ok()) {
@@ -41,7 +41,8 @@ fn main() -> ExitCode {
     };
     log::info!("listening on {}", server.local_addr());
     match server.run() {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(Shutdown::Drained | Shutdown::TimedOut) => ExitCode::SUCCESS,
+        Ok(Shutdown::Interrupted) => ExitCode::FAILURE,
         Err(e) => {
             log::error!("event loop failed: {e}");
             ExitCode::FAILURE
@@ -81,6 +82,7 @@ fn options(cfg: &Config) -> Options {
         max_connections: cfg.max_connections,
         read_timeout_ms: cfg.read_timeout_s * 1000,
         write_timeout_ms: cfg.write_timeout_s * 1000,
+        shutdown_timeout_ms: cfg.shutdown_timeout_s * 1000,
         fence_seed,
     }
 }

@@ -283,6 +283,22 @@ impl Core {
         self.resources.iter().map(|(_, r)| r.holders.len()).sum()
     }
 
+    /// Nothing is held and nobody waits: a draining server may exit.
+    pub fn is_quiescent(&self) -> bool {
+        self.resources
+            .iter()
+            .all(|(_, r)| r.holders.is_empty() && r.waiters.is_empty())
+    }
+
+    /// (key, holders, waiters) of every key with a holder or a waiter.
+    pub fn held_keys(&self) -> Vec<(Box<str>, usize, usize)> {
+        self.resources
+            .iter()
+            .filter(|(_, r)| !r.holders.is_empty() || !r.waiters.is_empty())
+            .map(|(_, r)| (r.key.clone(), r.holders.len(), r.waiters.len()))
+            .collect()
+    }
+
     /// Stop granting new acquisitions: `l`, `sl`, `e`, `se` get
     /// `error_draining`; releases, renewals and waits already queued go on.
     pub fn start_draining(&mut self) {
@@ -336,6 +352,7 @@ impl Core {
             // Authentication is settled by the connection layer before any
             // request reaches the state machine; a stray `auth` is an error.
             Request::Auth { .. } => replied(out, conn, Reply::Error),
+            Request::Listen { .. } if self.draining => replied(out, conn, Reply::ErrorDraining),
             Request::Listen { pattern, group } => {
                 let max = self.cfg.max_subscriptions;
                 if max != 0

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use log::{debug, info, warn};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use slab::Slab;
 
 use crate::core::{self, ConnId, Core, Outbox, Outcome};
@@ -23,6 +24,7 @@ use crate::timer::TimerWheel;
 use conn::{Closing, Conn, OUTPUT_HIGH_WATER, ReadOutcome};
 
 const LISTENER: Token = Token(usize::MAX - 1);
+const SIGNALS: Token = Token(usize::MAX - 2);
 /// How long a closing connection may take to read our last reply.
 const LINGER_MS: u64 = 2_000;
 const ACCEPT_BACKOFF_MIN_MS: u64 = 10;
@@ -42,6 +44,19 @@ pub struct Options {
     pub write_timeout_ms: u64,
     /// Start value of the fencing counter (wall clock in nanoseconds).
     pub fence_seed: u64,
+    /// How long a drain may last before the server exits anyway; 0 = forever.
+    pub shutdown_timeout_ms: u64,
+}
+
+/// How [`Server::run`] ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Shutdown {
+    /// Drained: nothing was held and nothing waited.
+    Drained,
+    /// The shutdown timeout ran out with locks still held.
+    TimedOut,
+    /// A second SIGTERM/SIGINT cut the drain short.
+    Interrupted,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -50,12 +65,17 @@ enum NetTimer {
     Write(ConnId),
     Linger(ConnId),
     ResumeAccept,
+    ShutdownDeadline,
 }
 
 pub struct Server {
     poll: Poll,
-    listener: TcpListener,
+    /// `None` once draining: new connections are refused by the kernel.
+    listener: Option<TcpListener>,
     local_addr: SocketAddr,
+    signals: signal_hook_mio::v1_0::Signals,
+    draining: bool,
+    shutdown: Option<Shutdown>,
     conns: Slab<Conn>,
     core: Core,
     outbox: Outbox,
@@ -83,6 +103,9 @@ impl Server {
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)?;
         let local_addr = listener.local_addr()?;
+        let mut signals = signal_hook_mio::v1_0::Signals::new([SIGTERM, SIGINT, SIGHUP])?;
+        poll.registry()
+            .register(&mut signals, SIGNALS, Interest::READABLE)?;
         let core = Core::new(
             opts.core.clone(),
             opts.fence_seed,
@@ -90,8 +113,11 @@ impl Server {
         );
         Ok(Server {
             poll,
-            listener,
+            listener: Some(listener),
             local_addr,
+            signals,
+            draining: false,
+            shutdown: None,
             conns: Slab::new(),
             core,
             outbox: Outbox::default(),
@@ -115,8 +141,9 @@ impl Server {
         self.local_addr
     }
 
-    /// Serves until an unrecoverable I/O error of the poll itself.
-    pub fn run(&mut self) -> io::Result<()> {
+    /// Serves until a shutdown signal has been handled (see [`Shutdown`]) or
+    /// the poll itself fails.
+    pub fn run(&mut self) -> io::Result<Shutdown> {
         let mut events = Events::with_capacity(1024);
         loop {
             let timeout = self.poll_timeout();
@@ -130,6 +157,7 @@ impl Server {
             for event in events.iter() {
                 match event.token() {
                     LISTENER => self.accept_all(),
+                    SIGNALS => self.on_signals(),
                     Token(idx) => {
                         if event.is_readable() || event.is_read_closed() || event.is_error() {
                             self.on_readable(idx, event.is_read_closed());
@@ -142,6 +170,75 @@ impl Server {
             }
             self.resume_ready();
             self.flush_dirty();
+            if self.draining && self.shutdown.is_none() && self.core.is_quiescent() {
+                self.shutdown = Some(Shutdown::Drained);
+            }
+            if let Some(how) = self.shutdown {
+                self.finish(how);
+                return Ok(how);
+            }
+        }
+    }
+
+    // ---- shutdown ----
+
+    fn on_signals(&mut self) {
+        let pending: Vec<i32> = self.signals.pending().collect();
+        for sig in pending {
+            match sig {
+                SIGTERM | SIGINT if self.draining => {
+                    warn!("second {} received: exiting now", signal_name(sig));
+                    self.shutdown = Some(Shutdown::Interrupted);
+                }
+                SIGTERM | SIGINT => self.start_draining(sig),
+                SIGHUP => info!("SIGHUP received: no reloadable settings are in use"),
+                _ => {}
+            }
+        }
+    }
+
+    fn start_draining(&mut self, sig: i32) {
+        self.draining = true;
+        self.core.start_draining();
+        if let Some(mut l) = self.listener.take() {
+            let _ = self.poll.registry().deregister(&mut l);
+        }
+        info!(
+            "{} received: draining (no new connections or acquisitions; {} held, {} connections); a second signal exits at once",
+            signal_name(sig),
+            self.core.holders(),
+            self.conns.len()
+        );
+        if self.opts.shutdown_timeout_ms != 0 {
+            self.timers.insert(
+                self.now + self.opts.shutdown_timeout_ms,
+                NetTimer::ShutdownDeadline,
+            );
+        }
+    }
+
+    /// Logs what is left, sends what can be sent and closes every connection.
+    fn finish(&mut self, how: Shutdown) {
+        let held = self.core.held_keys();
+        match how {
+            Shutdown::Drained => info!("drained: nothing held; exiting"),
+            Shutdown::TimedOut => warn!(
+                "shutdown timeout reached with {} keys still held; exiting",
+                held.len()
+            ),
+            Shutdown::Interrupted => warn!("exiting with {} keys still held", held.len()),
+        }
+        for (key, holders, waiters) in held.iter().take(100) {
+            warn!("still held at exit: key {key:?}, {holders} holders, {waiters} waiters");
+        }
+        for (_, c) in self.conns.iter_mut() {
+            let _ = c.flush();
+        }
+        let ids: Vec<usize> = self.conns.iter().map(|(i, _)| i).collect();
+        for idx in ids {
+            if let Some(mut c) = self.conns.try_remove(idx) {
+                let _ = self.poll.registry().deregister(&mut c.stream);
+            }
         }
     }
 
@@ -161,7 +258,10 @@ impl Server {
 
     fn accept_all(&mut self) {
         loop {
-            match self.listener.accept() {
+            let Some(listener) = &self.listener else {
+                return;
+            };
+            match listener.accept() {
                 Ok((stream, peer)) => self.admit(stream, peer),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -217,7 +317,9 @@ impl Server {
             );
             self.fd_exhausted = true;
         }
-        let _ = self.poll.registry().deregister(&mut self.listener);
+        if let Some(l) = self.listener.as_mut() {
+            let _ = self.poll.registry().deregister(l);
+        }
         self.accept_paused = true;
         self.timers
             .insert(self.now + self.accept_backoff_ms, NetTimer::ResumeAccept);
@@ -226,10 +328,13 @@ impl Server {
 
     fn resume_accepting(&mut self) {
         self.accept_paused = false;
-        if let Err(e) =
-            self.poll
-                .registry()
-                .register(&mut self.listener, LISTENER, Interest::READABLE)
+        let Some(listener) = self.listener.as_mut() else {
+            return;
+        };
+        if let Err(e) = self
+            .poll
+            .registry()
+            .register(listener, LISTENER, Interest::READABLE)
         {
             warn!("cannot re-register the listener: {e}");
         }
@@ -259,6 +364,11 @@ impl Server {
                     }
                 }
                 NetTimer::ResumeAccept => self.resume_accepting(),
+                NetTimer::ShutdownDeadline => {
+                    if self.shutdown.is_none() {
+                        self.shutdown = Some(Shutdown::TimedOut);
+                    }
+                }
             }
         }
         self.fired = fired;
@@ -570,6 +680,15 @@ impl Server {
     fn index_of(&self, id: ConnId) -> Option<usize> {
         let idx = (id & 0xffff_ffff) as usize;
         self.conns.get(idx).filter(|c| c.id == id).map(|_| idx)
+    }
+}
+
+fn signal_name(sig: i32) -> &'static str {
+    match sig {
+        SIGTERM => "SIGTERM",
+        SIGINT => "SIGINT",
+        SIGHUP => "SIGHUP",
+        _ => "signal",
     }
 }
 

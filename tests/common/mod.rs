@@ -27,6 +27,13 @@ impl Server {
         for (k, v) in env {
             cmd.env(k, v);
         }
+        Self::from_command(cmd)
+    }
+
+    /// Starts a server from a prepared command (which must pass `--port 0`).
+    #[allow(clippy::zombie_processes)] // waited for in Drop
+    pub fn from_command(mut cmd: Command) -> Server {
+        cmd.env_remove("RUST_LOG");
         let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
