@@ -4,6 +4,7 @@
 
 use std::ffi::OsString;
 use std::fmt;
+use std::path::PathBuf;
 
 /// One setting: its flag, the variables that can also set it, its default.
 struct Spec {
@@ -93,6 +94,41 @@ const SPECS: &[Spec] = &[
         help: "a connection with more unsent signal output than this is disconnected as a slow consumer",
     },
     Spec {
+        flag: "max-connections-per-ip",
+        envs: &["DFLOCKD_MAX_CONNECTIONS_PER_IP"],
+        default: "0",
+        meta: "N",
+        help: "most connections from one IP address; over it a new one is closed at once; 0 = unlimited",
+    },
+    Spec {
+        flag: "tls-cert",
+        envs: &["DFLOCKD_TLS_CERT"],
+        default: "",
+        meta: "PATH",
+        help: "PEM certificate chain; with --tls-key, every connection uses TLS (reloaded on SIGHUP)",
+    },
+    Spec {
+        flag: "tls-key",
+        envs: &["DFLOCKD_TLS_KEY"],
+        default: "",
+        meta: "PATH",
+        help: "PEM private key (PKCS#8, PKCS#1 or SEC1) for --tls-cert",
+    },
+    Spec {
+        flag: "auth-token",
+        envs: &["DFLOCKD_AUTH_TOKEN"],
+        default: "",
+        meta: "TOKEN",
+        help: "shared secret every connection must present first with `auth` (prefer --auth-token-file)",
+    },
+    Spec {
+        flag: "auth-token-file",
+        envs: &["DFLOCKD_AUTH_TOKEN_FILE"],
+        default: "",
+        meta: "PATH",
+        help: "file holding the shared secret (trimmed; re-read on SIGHUP)",
+    },
+    Spec {
         flag: "read-timeout",
         envs: &["DFLOCKD_READ_TIMEOUT_S", "DFLOCKD_DFLOCKD_READ_TIMEOUT_S"],
         default: "23",
@@ -129,6 +165,22 @@ const SPECS: &[Spec] = &[
     },
 ];
 
+/// Where the shared secret comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AuthSource {
+    /// Given on the command line or in the environment.
+    Literal(String),
+    /// Read (and re-read on SIGHUP) from a file.
+    File(PathBuf),
+}
+
+/// Where the TLS certificate chain and key come from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsSource {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
 /// The server's settings, validated.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
@@ -140,6 +192,7 @@ pub struct Config {
     pub max_locks: usize,
     pub max_waiters: usize,
     pub max_connections: usize,
+    pub max_connections_per_ip: usize,
     pub max_subscriptions: usize,
     pub max_output_buffer: usize,
     pub read_timeout_s: u64,
@@ -147,12 +200,14 @@ pub struct Config {
     pub shutdown_timeout_s: u64,
     pub auto_release_on_disconnect: bool,
     pub debug: bool,
+    pub tls: Option<TlsSource>,
+    pub auth: Option<AuthSource>,
 }
 
 /// What the command line asks for.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Action {
-    Run(Config),
+    Run(Box<Config>),
     Help,
     Version,
 }
@@ -271,7 +326,7 @@ where
     }
     // Validated here for the error message; the value itself is unused.
     number("lease-sweep-interval", 0, SECS)?;
-    Ok(Action::Run(Config {
+    Ok(Action::Run(Box::new(Config {
         host: host.trim().to_owned(),
         port: number("port", 0, u16::MAX as u64)? as u16,
         default_lease_ttl_s: number("default-lease-ttl", 1, SECS)?,
@@ -280,6 +335,7 @@ where
         max_locks: number("max-locks", 0, COUNT)? as usize,
         max_waiters: number("max-waiters", 0, COUNT)? as usize,
         max_connections: number("max-connections", 0, COUNT)? as usize,
+        max_connections_per_ip: number("max-connections-per-ip", 0, COUNT)? as usize,
         max_subscriptions: number("max-subscriptions", 0, COUNT)? as usize,
         max_output_buffer: number("max-output-buffer", 4096, 1 << 40)? as usize,
         read_timeout_s: number("read-timeout", 0, SECS)?,
@@ -287,7 +343,54 @@ where
         shutdown_timeout_s: number("shutdown-timeout", 0, SECS)?,
         auto_release_on_disconnect: boolean("auto-release-on-disconnect")?,
         debug: boolean("debug")?,
-    }))
+        tls: tls_source(&value)?,
+        auth: auth_source(&given, &env),
+    })))
+}
+
+type Lookup<'a> = &'a dyn Fn(&'static str) -> (String, Source);
+
+fn tls_source(value: Lookup<'_>) -> Result<Option<TlsSource>, ConfigError> {
+    let (cert, cert_src) = value("tls-cert");
+    let (key, key_src) = value("tls-key");
+    match (cert.trim().is_empty(), key.trim().is_empty()) {
+        (true, true) => Ok(None),
+        (false, false) => Ok(Some(TlsSource {
+            cert: cert.trim().into(),
+            key: key.trim().into(),
+        })),
+        (false, true) => Err(ConfigError(format!(
+            "{cert_src} is set but --tls-key is not: TLS needs both"
+        ))),
+        (true, false) => Err(ConfigError(format!(
+            "{key_src} is set but --tls-cert is not: TLS needs both"
+        ))),
+    }
+}
+
+/// The token's source: explicit flag, then file flag, then variable, then
+/// file variable. The token itself is read and checked by the caller.
+fn auth_source(
+    given: &[Option<String>],
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Option<AuthSource> {
+    let flag = |name: &str| {
+        let i = SPECS
+            .iter()
+            .position(|s| s.flag == name)
+            .expect("known flag");
+        given[i].clone()
+    };
+    if let Some(t) = flag("auth-token") {
+        return Some(AuthSource::Literal(t));
+    }
+    if let Some(f) = flag("auth-token-file") {
+        return Some(AuthSource::File(f.into()));
+    }
+    if let Some(t) = env("DFLOCKD_AUTH_TOKEN") {
+        return Some(AuthSource::Literal(t));
+    }
+    env("DFLOCKD_AUTH_TOKEN_FILE").map(|f| AuthSource::File(f.into()))
 }
 
 fn is_bool(flag: &str) -> bool {
@@ -309,10 +412,14 @@ pub fn help() -> String {
         } else {
             format!("--{} {}", spec.flag, spec.meta)
         };
+        let default = if spec.default.is_empty() {
+            "(none)"
+        } else {
+            spec.default
+        };
         s.push_str(&format!(
-            "    {head}\n        {}\n        default: {}; env: {}\n",
+            "    {head}\n        {}\n        default: {default}; env: {}\n",
             spec.help,
-            spec.default,
             spec.envs.join(", ")
         ));
     }
@@ -334,7 +441,7 @@ mod tests {
         match parse(args.iter().map(|s| s.to_string()), |k| {
             env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone())
         })? {
-            Action::Run(c) => Ok(c),
+            Action::Run(c) => Ok(*c),
             other => panic!("{other:?}"),
         }
     }

@@ -6,7 +6,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use dflockd::config::{self, Action, Config};
 use dflockd::core;
-use dflockd::net::{Options, Server, Shutdown};
+use dflockd::net::{Options, Server, Shutdown, security};
 
 fn main() -> ExitCode {
     let cfg = match config::parse(std::env::args_os().skip(1), |k| std::env::var(k).ok()) {
@@ -32,7 +32,14 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let mut server = match Server::bind(addr, options(&cfg)) {
+    let opts = match options(&cfg) {
+        Ok(opts) => opts,
+        Err(e) => {
+            eprintln!("dflockd: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut server = match Server::bind(addr, opts) {
         Ok(s) => s,
         Err(e) => {
             log::error!("cannot listen on {addr}: {e}");
@@ -64,11 +71,20 @@ fn resolve(cfg: &Config) -> Result<SocketAddr, String> {
         .ok_or_else(|| format!("invalid value {:?} for --host: not an address", cfg.host))
 }
 
-fn options(cfg: &Config) -> Options {
+/// The event loop's options, with TLS material and the token loaded.
+fn options(cfg: &Config) -> Result<Options, String> {
+    let tls = match &cfg.tls {
+        Some(source) => Some((security::load_tls(source)?, source.clone())),
+        None => None,
+    };
+    let auth = match &cfg.auth {
+        Some(source) => Some((security::AuthToken::load(source)?, source.clone())),
+        None => None,
+    };
     let fence_seed = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64);
-    Options {
+    Ok(Options {
         core: core::Config {
             default_lease_ms: cfg.default_lease_ttl_s * 1000,
             max_keys: cfg.max_locks,
@@ -83,6 +99,9 @@ fn options(cfg: &Config) -> Options {
         read_timeout_ms: cfg.read_timeout_s * 1000,
         write_timeout_ms: cfg.write_timeout_s * 1000,
         shutdown_timeout_ms: cfg.shutdown_timeout_s * 1000,
+        max_connections_per_ip: cfg.max_connections_per_ip,
+        tls,
+        auth,
         fence_seed,
-    }
+    })
 }

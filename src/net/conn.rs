@@ -5,6 +5,7 @@ use std::io::{self, Read, Write};
 use std::net::SocketAddr;
 
 use mio::net::TcpStream;
+use rustls::ServerConnection;
 
 use crate::core::ConnId;
 use crate::protocol::FrameDecoder;
@@ -28,11 +29,18 @@ pub enum Closing {
     /// Answered a read-level error: flushing, then half-closing and draining
     /// the peer's input until it closes (so the reply is not lost to a reset).
     AfterFlush,
+    /// Failed authentication: answered `error_auth`; closed by a timer about
+    /// 100 ms later, which slows down guessing without stalling anyone else.
+    AuthFailed,
 }
 
 pub struct Conn {
     pub id: ConnId,
     pub stream: TcpStream,
+    /// The TLS session, when the server has TLS configured.
+    pub tls: Option<Box<ServerConnection>>,
+    /// Authenticated, or no token is required.
+    pub authed: bool,
     pub peer: SocketAddr,
     pub input: Vec<u8>,
     /// Bytes at the front of `input` already consumed.
@@ -70,10 +78,19 @@ pub enum ReadOutcome {
 }
 
 impl Conn {
-    pub fn new(id: ConnId, stream: TcpStream, peer: SocketAddr, now: u64) -> Conn {
+    pub fn new(
+        id: ConnId,
+        stream: TcpStream,
+        peer: SocketAddr,
+        now: u64,
+        tls: Option<Box<ServerConnection>>,
+        authed: bool,
+    ) -> Conn {
         Conn {
             id,
             stream,
+            tls,
+            authed,
             peer,
             input: Vec::new(),
             consumed: 0,
@@ -109,6 +126,9 @@ impl Conn {
             return Ok(ReadOutcome::Full);
         }
         let want = room.min(scratch.len());
+        if self.tls.is_some() {
+            return self.read_tls(&mut scratch[..want]);
+        }
         loop {
             return match self.stream.read(&mut scratch[..want]) {
                 Ok(0) => Ok(ReadOutcome::Eof),
@@ -124,6 +144,64 @@ impl Conn {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => Err(e),
             };
+        }
+    }
+
+    /// One `read_tls` (unless the session must write first), then the
+    /// plaintext it yields (at most `scratch` bytes; the rest stays inside
+    /// the session for the next call).
+    fn read_tls(&mut self, scratch: &mut [u8]) -> io::Result<ReadOutcome> {
+        let Some(tls) = self.tls.as_mut() else {
+            return Ok(ReadOutcome::WouldBlock);
+        };
+        // `WouldBlock` here also covers "the session wants to write before it
+        // reads more": the flush that follows re-reads the socket.
+        let mut socket = ReadOutcome::WouldBlock;
+        if tls.wants_read() {
+            loop {
+                match tls.read_tls(&mut self.stream) {
+                    Ok(0) => socket = ReadOutcome::Eof,
+                    Ok(_) => socket = ReadOutcome::Data,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.input_pending = false,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(e),
+                }
+                break;
+            }
+        }
+        if let Err(e) = tls.process_new_packets() {
+            // Send the alert rustls queued, then give up on the connection.
+            let _ = tls.write_tls(&mut self.stream);
+            return Err(io::Error::new(io::ErrorKind::InvalidData, e));
+        }
+        match tls.reader().read(scratch) {
+            Ok(0) => Ok(ReadOutcome::Eof),
+            Ok(n) => {
+                self.compact_input();
+                self.input.extend_from_slice(&scratch[..n]);
+                Ok(ReadOutcome::Data)
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(socket),
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(ReadOutcome::Eof),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Whether the TLS session has records to send (handshake, alerts).
+    pub fn tls_wants_write(&self) -> bool {
+        self.tls.as_ref().is_some_and(|t| t.wants_write())
+    }
+
+    /// Whether the TLS handshake is still in progress.
+    pub fn tls_handshaking(&self) -> bool {
+        self.tls.as_ref().is_some_and(|t| t.is_handshaking())
+    }
+
+    /// Queues a TLS close_notify before a half-close.
+    pub fn send_close_notify(&mut self) {
+        if let Some(tls) = self.tls.as_mut() {
+            tls.send_close_notify();
+            let _ = tls.write_tls(&mut self.stream);
         }
     }
 
@@ -147,6 +225,9 @@ impl Conn {
     /// (a short write leaves the rest for the next writable event).
     /// Returns whether anything is left unsent.
     pub fn flush(&mut self) -> io::Result<bool> {
+        if self.tls.is_some() {
+            return self.flush_tls();
+        }
         while self.written < self.output.len() {
             match self.stream.write(&self.output[self.written..]) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
@@ -159,15 +240,52 @@ impl Conn {
                 Err(e) => return Err(e),
             }
         }
+        Ok(self.output_done())
+    }
+
+    /// Hands pending plaintext to the TLS session and writes its records.
+    fn flush_tls(&mut self) -> io::Result<bool> {
+        let Some(tls) = self.tls.as_mut() else {
+            return Ok(false);
+        };
+        // The session takes a bounded amount of plaintext at a time: feed it
+        // and write its records until everything is out or the socket is full.
+        loop {
+            if self.written < self.output.len() && !tls.is_handshaking() {
+                self.written += tls.writer().write(&self.output[self.written..])?;
+            }
+            let mut socket_full = false;
+            while tls.wants_write() {
+                match tls.write_tls(&mut self.stream) {
+                    Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        socket_full = true;
+                        break;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            if socket_full || self.written == self.output.len() || tls.is_handshaking() {
+                break;
+            }
+        }
+        let records_left = tls.wants_write();
+        Ok(self.output_done() || records_left)
+    }
+
+    /// Frees the output buffer once all of it is written; whether some is left.
+    fn output_done(&mut self) -> bool {
         if self.written == self.output.len() {
             self.output.clear();
             self.written = 0;
             if self.output.capacity() > KEEP_CAPACITY {
                 self.output = Vec::new();
             }
-            Ok(false)
+            false
         } else {
-            Ok(true)
+            true
         }
     }
 }

@@ -7,9 +7,13 @@
 //! finally flushes each connection with pending output once.
 
 mod conn;
+pub mod security;
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use hashbrown::HashMap;
 use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
@@ -19,14 +23,19 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use slab::Slab;
 
 use crate::core::{self, ConnId, Core, Outbox, Outcome};
-use crate::protocol::{FrameError, Reply, encode_reply, parse_request};
+use crate::protocol::{FrameError, Reply, Request, encode_reply, parse_request};
 use crate::timer::TimerWheel;
 use conn::{Closing, Conn, OUTPUT_HIGH_WATER, ReadOutcome};
+use security::{AuthSource, AuthToken, TlsSource};
 
 const LISTENER: Token = Token(usize::MAX - 1);
 const SIGNALS: Token = Token(usize::MAX - 2);
 /// How long a closing connection may take to read our last reply.
 const LINGER_MS: u64 = 2_000;
+/// Delay between answering `error_auth` and closing the connection.
+const AUTH_FAIL_CLOSE_MS: u64 = 100;
+/// At most one log line per refused address per this long.
+const REFUSAL_LOG_MS: u64 = 1_000;
 const ACCEPT_BACKOFF_MIN_MS: u64 = 10;
 const ACCEPT_BACKOFF_MAX_MS: u64 = 1_000;
 
@@ -46,6 +55,12 @@ pub struct Options {
     pub fence_seed: u64,
     /// How long a drain may last before the server exits anyway; 0 = forever.
     pub shutdown_timeout_ms: u64,
+    /// 0 = unlimited.
+    pub max_connections_per_ip: usize,
+    /// TLS for every connection, and where it was loaded from (for SIGHUP).
+    pub tls: Option<(Arc<rustls::ServerConfig>, TlsSource)>,
+    /// The shared secret, and where it was loaded from (for SIGHUP).
+    pub auth: Option<(AuthToken, AuthSource)>,
 }
 
 /// How [`Server::run`] ended.
@@ -92,6 +107,9 @@ pub struct Server {
     next_generation: u32,
     accept_paused: bool,
     fd_exhausted: bool,
+    /// Open connections per peer address (only with a per-IP cap), and when
+    /// a refusal for it was last logged.
+    per_ip: HashMap<IpAddr, (usize, u64)>,
     accept_backoff_ms: u64,
 }
 
@@ -100,6 +118,7 @@ impl Server {
     pub fn bind(addr: SocketAddr, opts: Options) -> io::Result<Server> {
         let poll = Poll::new()?;
         let mut listener = TcpListener::bind(addr)?;
+        widen_backlog(&listener)?;
         poll.registry()
             .register(&mut listener, LISTENER, Interest::READABLE)?;
         let local_addr = listener.local_addr()?;
@@ -133,6 +152,7 @@ impl Server {
             next_generation: 0,
             accept_paused: false,
             fd_exhausted: false,
+            per_ip: HashMap::new(),
             accept_backoff_ms: ACCEPT_BACKOFF_MIN_MS,
         })
     }
@@ -191,9 +211,42 @@ impl Server {
                     self.shutdown = Some(Shutdown::Interrupted);
                 }
                 SIGTERM | SIGINT => self.start_draining(sig),
-                SIGHUP => info!("SIGHUP received: no reloadable settings are in use"),
+                SIGHUP => self.reload(),
                 _ => {}
             }
+        }
+    }
+
+    /// Re-reads the TLS certificate and key and a file-based auth token.
+    /// New connections use the new material; established ones keep theirs.
+    /// A failed reload keeps the old material.
+    fn reload(&mut self) {
+        let mut reloaded = false;
+        if let Some((config, source)) = self.opts.tls.as_mut() {
+            reloaded = true;
+            match security::load_tls(source) {
+                Ok(new) => {
+                    *config = new;
+                    info!(
+                        "SIGHUP: reloaded the TLS certificate from {}",
+                        source.cert.display()
+                    );
+                }
+                Err(e) => warn!("SIGHUP: TLS reload failed, keeping the current certificate: {e}"),
+            }
+        }
+        if let Some((token, source @ AuthSource::File(_))) = self.opts.auth.as_mut() {
+            reloaded = true;
+            match AuthToken::load(source) {
+                Ok(new) => {
+                    *token = new;
+                    info!("SIGHUP: reloaded the auth token from its file");
+                }
+                Err(e) => warn!("SIGHUP: auth token reload failed, keeping the current token: {e}"),
+            }
+        }
+        if !reloaded {
+            info!("SIGHUP received: nothing to reload (no TLS files, no token file)");
         }
     }
 
@@ -284,6 +337,32 @@ impl Server {
             );
             return;
         }
+        if self.opts.max_connections_per_ip != 0 {
+            let (count, logged) = self.per_ip.entry(peer.ip()).or_insert((0, 0));
+            if *count >= self.opts.max_connections_per_ip {
+                if *logged == 0 || self.now >= *logged + REFUSAL_LOG_MS {
+                    *logged = self.now.max(1);
+                    warn!(
+                        "refusing {}: --max-connections-per-ip {} reached",
+                        peer.ip(),
+                        self.opts.max_connections_per_ip
+                    );
+                }
+                return;
+            }
+            *count += 1;
+        }
+        let tls = match &self.opts.tls {
+            Some((config, _)) => match rustls::ServerConnection::new(config.clone()) {
+                Ok(session) => Some(Box::new(session)),
+                Err(e) => {
+                    warn!("cannot start TLS for {peer}: {e}");
+                    self.forget_peer(peer);
+                    return;
+                }
+            },
+            None => None,
+        };
         let _ = stream.set_nodelay(true);
         let entry = self.conns.vacant_entry();
         let idx = entry.key();
@@ -295,9 +374,11 @@ impl Server {
             Interest::READABLE | Interest::WRITABLE,
         ) {
             warn!("cannot register connection from {peer}: {e}");
+            self.forget_peer(peer);
             return;
         }
-        let mut conn = Conn::new(id, stream, peer, self.now);
+        let authed = self.opts.auth.is_none();
+        let mut conn = Conn::new(id, stream, peer, self.now, tls, authed);
         if self.opts.read_timeout_ms != 0 {
             conn.read_timer = Some(
                 self.timers
@@ -382,6 +463,14 @@ impl Server {
         if c.closing != Closing::No {
             return;
         }
+        if c.tls_handshaking() && c.last_request_ms + timeout <= self.now {
+            debug!(
+                "conn {id} ({}): TLS handshake not finished in time; closing",
+                c.peer
+            );
+            self.close(idx, "TLS handshake timeout");
+            return;
+        }
         // Waiting for a grant is not idleness; neither is recent traffic.
         let due = if c.blocked {
             self.now + timeout
@@ -435,7 +524,15 @@ impl Server {
             let Some(c) = self.conns.get_mut(idx) else {
                 return;
             };
-            match c.read_once(&mut self.scratch) {
+            let outcome = c.read_once(&mut self.scratch);
+            if c.tls_wants_write() {
+                // Handshake records or alerts to send.
+                self.mark_dirty(idx);
+            }
+            let Some(c) = self.conns.get_mut(idx) else {
+                return;
+            };
+            match outcome {
                 Ok(ReadOutcome::Data) => {
                     if c.closing != Closing::No {
                         // Draining the input of a connection we are closing.
@@ -492,9 +589,24 @@ impl Server {
             c.consumed += frame.len;
             c.last_request_ms = now;
             let id = c.id;
-            let outcome = match parse_request(&c.input[start..], &frame) {
-                Ok(req) => self.core.handle(now, id, &req, &mut self.outbox),
-                Err(e) => {
+            let parsed = parse_request(&c.input[start..], &frame);
+            let outcome = match (&parsed, &self.opts.auth) {
+                // With a token configured, `auth` is settled here.
+                (Ok(Request::Auth { token }), Some((secret, _))) => {
+                    if !secret.verify(token) {
+                        self.fail(idx);
+                        return;
+                    }
+                    c.authed = true;
+                    self.outbox.replies.push((id, Reply::Ok));
+                    Outcome::Replied
+                }
+                _ if !c.authed => {
+                    self.fail(idx);
+                    return;
+                }
+                (Ok(req), _) => self.core.handle(now, id, req, &mut self.outbox),
+                (Err(e), _) => {
                     warn!("conn {id} ({}): bad request: {e:?}", c.peer);
                     self.outbox.replies.push((id, Reply::Error));
                     Outcome::Replied
@@ -610,6 +722,7 @@ impl Server {
             return;
         };
         let was_backed_up = c.unsent() > OUTPUT_HIGH_WATER;
+        let handshaking = c.tls_handshaking();
         let before = c.unsent();
         match c.flush() {
             Ok(true) => {
@@ -628,6 +741,7 @@ impl Server {
                 c.write_stalled_since = None;
                 if c.closing == Closing::AfterFlush && !c.write_shut {
                     c.write_shut = true;
+                    c.send_close_notify();
                     let _ = c.stream.shutdown(std::net::Shutdown::Write);
                 }
             }
@@ -641,20 +755,34 @@ impl Server {
         if was_backed_up && c.unsent() <= OUTPUT_HIGH_WATER && c.closing == Closing::No {
             self.ready.push(idx);
         }
+        if handshaking {
+            // The session stopped reading to send its handshake flight; data
+            // may already wait in the socket without a new readiness edge.
+            self.on_readable(idx, false);
+        }
     }
 
     /// Answers `error` after a read-level failure and closes the connection
     /// once the reply has been sent.
+    ///
+    /// Before authentication every failure is an authentication failure:
+    /// `error_auth`, then the connection is closed about 100 ms later.
     fn fail(&mut self, idx: usize) {
         let now = self.now;
         let c = &mut self.conns[idx];
         let id = c.id;
-        encode_reply(&Reply::Error, &[], &mut c.output);
-        c.closing = Closing::AfterFlush;
+        let (reply, closing, delay) = if c.authed {
+            (Reply::Error, Closing::AfterFlush, LINGER_MS)
+        } else {
+            warn!("conn {id} ({}): authentication failed", c.peer);
+            (Reply::ErrorAuth, Closing::AuthFailed, AUTH_FAIL_CLOSE_MS)
+        };
+        encode_reply(&reply, &[], &mut c.output);
+        c.closing = closing;
         c.blocked = false;
         c.input.clear();
         c.consumed = 0;
-        c.linger_timer = Some(self.timers.insert(now + LINGER_MS, NetTimer::Linger(id)));
+        c.linger_timer = Some(self.timers.insert(now + delay, NetTimer::Linger(id)));
         // The connection is finished as far as the locks are concerned.
         self.core.disconnect(now, id, &mut self.outbox);
         self.dispatch(Some(idx));
@@ -673,13 +801,45 @@ impl Server {
             self.timers.cancel(t);
         }
         debug!("conn {} closed ({why})", c.id);
+        self.forget_peer(c.peer);
         self.core.disconnect(self.now, c.id, &mut self.outbox);
         self.dispatch(None);
+    }
+
+    /// Counts a connection from `peer` as gone, for the per-IP cap.
+    fn forget_peer(&mut self, peer: SocketAddr) {
+        if self.opts.max_connections_per_ip == 0 {
+            return;
+        }
+        if let Some((count, _)) = self.per_ip.get_mut(&peer.ip()) {
+            *count -= 1;
+            if *count == 0 {
+                self.per_ip.remove(&peer.ip());
+            }
+        }
     }
 
     fn index_of(&self, id: ConnId) -> Option<usize> {
         let idx = (id & 0xffff_ffff) as usize;
         self.conns.get(idx).filter(|c| c.id == id).map(|_| idx)
+    }
+}
+
+/// Connections the kernel may queue before we accept them. The standard
+/// library listens with a backlog of 128; a burst of new clients larger than
+/// that has its SYNs dropped and retried a second later, so ask for more (the
+/// kernel caps it at `net.core.somaxconn`).
+const LISTEN_BACKLOG: i32 = 4096;
+
+fn widen_backlog(listener: &TcpListener) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: `listen` on a descriptor we own; calling it again on a
+    // listening socket only updates the backlog.
+    let rc = unsafe { libc::listen(listener.as_raw_fd(), LISTEN_BACKLOG) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 

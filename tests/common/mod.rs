@@ -80,6 +80,15 @@ impl Server {
         self.log.try_iter().collect()
     }
 
+    /// Every log line up to the end of the server's output (after it exited).
+    pub fn final_log(&self) -> Vec<String> {
+        let mut lines = Vec::new();
+        while let Ok(l) = self.log.recv_timeout(Duration::from_secs(5)) {
+            lines.push(l);
+        }
+        lines
+    }
+
     pub fn signal(&self, sig: &str) {
         let ok = Command::new("kill")
             .args([&format!("-{sig}"), &self.child.id().to_string()])

@@ -106,7 +106,11 @@ class ServerProcess:
 
     def wait_ready(self, timeout: float = _STARTUP_TIMEOUT_S) -> None:
         if not self._ready.wait(timeout) or not self.port:
-            rc = self.proc.poll()
+            try:
+                rc = self.proc.wait(timeout=1)
+            except subprocess.TimeoutExpired:
+                rc = None
+            self.expect_exit = True  # reported here, not again at teardown
             self.stop()
             raise RuntimeError(
                 f"dflockd did not log 'listening on HOST:PORT' within {timeout}s "

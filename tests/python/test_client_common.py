@@ -325,10 +325,11 @@ def test_sync_two_phase_queued_path(server, raw_factory, key):
     assert lock.token is None
     assert waiters_of(server, key) == 1
     released: list = []
-    later(0.5, lambda: holder.cmd("r", key, held), released)
+    releaser = later(0.5, lambda: holder.cmd("r", key, held), released)
     t = time.monotonic()
     assert lock.wait(timeout_s=10) is True
     elapsed = time.monotonic() - t
+    releaser.join(timeout=5)  # the grant may reach us before the ok reaches it
     try:
         assert released == ["ok"], f"holder's release answered {released}"
         assert 0.3 < elapsed < 3, f"wait returned after {elapsed:.2f}s"
@@ -685,12 +686,14 @@ def test_sync_semaphore_two_phase(server, raw_factory, key):
     e = sem_entry(server, key)
     assert e is not None and e["holders"] == SEM_LIMIT and e["waiters"] == 1, e
     released: list = []
-    later(0.5, lambda: holders[1].cmd("sr", key, held[1]), released)
+    releaser = later(0.5, lambda: holders[1].cmd("sr", key, held[1]), released)
     t = time.monotonic()
     assert sem.wait(timeout_s=10) is True
+    elapsed = time.monotonic() - t
+    releaser.join(timeout=5)
     try:
         assert released == ["ok"], released
-        assert 0.3 < time.monotonic() - t < 3
+        assert 0.3 < elapsed < 3, f"sem wait returned after {elapsed:.2f}s"
         assert fence(sem.token) > max(fence(x) for x in held)
         e = sem_entry(server, key)
         assert e["holders"] == SEM_LIMIT and e["waiters"] == 0, e
