@@ -14,13 +14,18 @@ fn listen(c: &mut Client, pattern: &str, group: &str) {
 /// Reads the next pushed line and returns (channel, payload).
 fn next_sig(c: &mut Client) -> (String, String) {
     let l = c.line();
-    let rest = l.strip_prefix("sig ").unwrap_or_else(|| panic!("not a push: {l:?}"));
+    let rest = l
+        .strip_prefix("sig ")
+        .unwrap_or_else(|| panic!("not a push: {l:?}"));
     let (ch, payload) = rest.split_once(' ').unwrap();
     (ch.to_string(), payload.to_string())
 }
 
 fn no_more(c: &mut Client) {
-    assert!(c.line_within(Duration::from_millis(50)).is_err(), "unexpected line");
+    assert!(
+        c.line_within(Duration::from_millis(50)).is_err(),
+        "unexpected line"
+    );
 }
 
 #[test]
@@ -74,7 +79,10 @@ fn a_connection_gets_each_signal_once_and_counts_are_deliveries() {
     assert_eq!(next_sig(&mut l).1, "once");
     no_more(&mut l);
     let j = stats(&mut p);
-    assert!(j.contains("{\"pattern\":\"a.b\",\"group\":\"\",\"listeners\":1}"), "{j}");
+    assert!(
+        j.contains("{\"pattern\":\"a.b\",\"group\":\"\",\"listeners\":1}"),
+        "{j}"
+    );
 }
 
 #[test]
@@ -122,7 +130,11 @@ fn unlisten_and_disconnect_remove_subscriptions() {
     let mut p = s.connect();
     listen(&mut l, "a", "");
     listen(&mut l, "b", "g");
-    assert_eq!(l.cmd("listen", "c", ""), "error", "over --max-subscriptions");
+    assert_eq!(
+        l.cmd("listen", "c", ""),
+        "error",
+        "over --max-subscriptions"
+    );
     listen(&mut l, "a", ""); // already a member: still fine
     assert_eq!(l.cmd("unlisten", "a", ""), "ok");
     assert_eq!(p.cmd("signal", "a", "x"), "ok 0");
@@ -132,7 +144,10 @@ fn unlisten_and_disconnect_remove_subscriptions() {
     drop(l);
     let deadline = Instant::now() + Duration::from_secs(5);
     while !stats(&mut p).contains("\"signal_channels\":[]") {
-        assert!(Instant::now() < deadline, "subscriptions outlived the connection");
+        assert!(
+            Instant::now() < deadline,
+            "subscriptions outlived the connection"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
     assert_eq!(p.cmd("signal", "b", "x"), "ok 0");
