@@ -129,6 +129,13 @@ const SPECS: &[Spec] = &[
         help: "file holding the shared secret (trimmed; re-read on SIGHUP)",
     },
     Spec {
+        flag: "metrics-addr",
+        envs: &["DFLOCKD_METRICS_ADDR"],
+        default: "",
+        meta: "HOST:PORT",
+        help: "serve Prometheus /metrics, /health and /ready over HTTP here (off by default)",
+    },
+    Spec {
         flag: "read-timeout",
         envs: &["DFLOCKD_READ_TIMEOUT_S", "DFLOCKD_DFLOCKD_READ_TIMEOUT_S"],
         default: "23",
@@ -202,6 +209,8 @@ pub struct Config {
     pub debug: bool,
     pub tls: Option<TlsSource>,
     pub auth: Option<AuthSource>,
+    /// `HOST:PORT` of the monitoring endpoint, if any.
+    pub metrics_addr: Option<String>,
 }
 
 /// What the command line asks for.
@@ -344,6 +353,7 @@ where
         auto_release_on_disconnect: boolean("auto-release-on-disconnect")?,
         debug: boolean("debug")?,
         tls: tls_source(&value)?,
+        metrics_addr: Some(value("metrics-addr").0.trim().to_owned()).filter(|s| !s.is_empty()),
         auth: auth_source(&given, &env),
     })))
 }

@@ -47,6 +47,9 @@ fn main() -> ExitCode {
         }
     };
     log::info!("listening on {}", server.local_addr());
+    if let Some(addr) = server.metrics_addr() {
+        log::info!("metrics listening on {addr}");
+    }
     match server.run() {
         Ok(Shutdown::Drained | Shutdown::TimedOut) => ExitCode::SUCCESS,
         Ok(Shutdown::Interrupted) => ExitCode::FAILURE,
@@ -73,6 +76,21 @@ fn resolve(cfg: &Config) -> Result<SocketAddr, String> {
 
 /// The event loop's options, with TLS material and the token loaded.
 fn options(cfg: &Config) -> Result<Options, String> {
+    // Tokens need the OS random number generator: find out now, not at the
+    // first grant, if it is unusable (e.g. a static binary in an empty root).
+    getrandom::fill(&mut [0u8; 8])
+        .map_err(|e| format!("the OS random number generator is unavailable: {e}"))?;
+    let metrics_addr = match &cfg.metrics_addr {
+        Some(a) => Some(
+            a.to_socket_addrs()
+                .ok()
+                .and_then(|mut it| it.next())
+                .ok_or_else(|| {
+                    format!("invalid value {a:?} for --metrics-addr: expected HOST:PORT")
+                })?,
+        ),
+        None => None,
+    };
     let tls = match &cfg.tls {
         Some(source) => Some((security::load_tls(source)?, source.clone())),
         None => None,
@@ -102,6 +120,7 @@ fn options(cfg: &Config) -> Result<Options, String> {
         max_connections_per_ip: cfg.max_connections_per_ip,
         tls,
         auth,
+        metrics_addr,
         fence_seed,
     })
 }

@@ -226,6 +226,9 @@ pub struct Core {
     fired: Vec<CoreTimer>,
     signals: Signals,
     receivers: Vec<ConnId>,
+    /// Holders and waiters across all keys.
+    held: usize,
+    waiting: usize,
 }
 
 fn replied(out: &mut Outbox, conn: ConnId, reply: Reply) -> Outcome {
@@ -253,6 +256,8 @@ impl Core {
             fired: Vec::new(),
             signals: Signals::new(),
             receivers: Vec::new(),
+            held: 0,
+            waiting: 0,
         }
     }
 
@@ -280,14 +285,23 @@ impl Core {
 
     /// Total holders across all keys.
     pub fn holders(&self) -> usize {
-        self.resources.iter().map(|(_, r)| r.holders.len()).sum()
+        self.held
+    }
+
+    /// Total waiters across all keys.
+    pub fn waiters(&self) -> usize {
+        self.waiting
+    }
+
+    /// (keys with limit 1, keys with a larger limit).
+    pub fn keys_by_kind(&self) -> (usize, usize) {
+        let locks = self.resources.iter().filter(|(_, r)| r.limit == 1).count();
+        (locks, self.resources.len() - locks)
     }
 
     /// Nothing is held and nobody waits: a draining server may exit.
     pub fn is_quiescent(&self) -> bool {
-        self.resources
-            .iter()
-            .all(|(_, r)| r.holders.is_empty() && r.waiters.is_empty())
+        self.held == 0 && self.waiting == 0
     }
 
     /// (key, holders, waiters) of every key with a holder or a waiter.
@@ -480,6 +494,7 @@ impl Core {
             now.saturating_add(timeout_s * 1000),
             CoreTimer::WaitTimeout { res, waiter },
         );
+        self.waiting += 1;
         self.resources[res as usize].waiters.push_back(Waiter {
             id: waiter,
             conn,
@@ -576,6 +591,7 @@ impl Core {
             return replied(out, conn, Reply::ErrorMaxWaiters);
         } else {
             let waiter = self.new_waiter_id();
+            self.waiting += 1;
             self.resources[res as usize].waiters.push_back(Waiter {
                 id: waiter,
                 conn,
@@ -694,6 +710,7 @@ impl Core {
         let Some(w) = self.resources[res as usize].waiters.remove(i) else {
             return;
         };
+        self.waiting -= 1;
         if let Some(c) = self.conns.get_mut(&w.conn) {
             c.blocked = None;
         }
@@ -785,6 +802,7 @@ impl Core {
         let timer = self
             .timers
             .insert(expires_at, CoreTimer::Lease { res, token });
+        self.held += 1;
         self.resources[res as usize].holders.push(Holder {
             token,
             conn,
@@ -809,6 +827,7 @@ impl Core {
             let Some(w) = r.waiters.pop_front() else {
                 return;
             };
+            self.waiting -= 1;
             let token = self.grant(now, res, w.conn, w.lease_ms);
             if let Some(timer) = w.timer {
                 // The connection is blocked on this waiter: answer it.
@@ -839,6 +858,7 @@ impl Core {
     /// index, cancelling its lease timer. Two-phase entries are left alone.
     fn remove_holder(&mut self, res: u32, i: usize) -> Holder {
         let h = self.resources[res as usize].holders.swap_remove(i);
+        self.held -= 1;
         self.timers.cancel(h.timer);
         if let Some(c) = self.conns.get_mut(&h.conn) {
             if let Some(j) = c
@@ -884,6 +904,7 @@ impl Core {
         let r = &mut self.resources[res as usize];
         if let Some(i) = r.waiter(waiter) {
             if let Some(w) = r.waiters.remove(i) {
+                self.waiting -= 1;
                 if let Some(t) = w.timer {
                     self.timers.cancel(t);
                 }

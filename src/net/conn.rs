@@ -63,6 +63,9 @@ pub struct Conn {
     pub write_timer: Option<TimerHandle>,
     pub linger_timer: Option<TimerHandle>,
     pub write_shut: bool,
+    /// Bytes of requests read and replies written, for metrics.
+    pub bytes_read: u64,
+    pub bytes_written: u64,
 }
 
 /// Result of one read pass.
@@ -107,6 +110,8 @@ impl Conn {
             write_timer: None,
             linger_timer: None,
             write_shut: false,
+            bytes_read: 0,
+            bytes_written: 0,
         }
     }
 
@@ -135,6 +140,7 @@ impl Conn {
                 Ok(n) => {
                     self.compact_input();
                     self.input.extend_from_slice(&scratch[..n]);
+                    self.bytes_read += n as u64;
                     Ok(ReadOutcome::Data)
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -179,6 +185,7 @@ impl Conn {
             Ok(n) => {
                 self.compact_input();
                 self.input.extend_from_slice(&scratch[..n]);
+                self.bytes_read += n as u64;
                 Ok(ReadOutcome::Data)
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(socket),
@@ -233,6 +240,7 @@ impl Conn {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => {
                     self.written += n;
+                    self.bytes_written += n as u64;
                     break;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -252,7 +260,9 @@ impl Conn {
         // and write its records until everything is out or the socket is full.
         loop {
             if self.written < self.output.len() && !tls.is_handshaking() {
-                self.written += tls.writer().write(&self.output[self.written..])?;
+                let n = tls.writer().write(&self.output[self.written..])?;
+                self.written += n;
+                self.bytes_written += n as u64;
             }
             let mut socket_full = false;
             while tls.wants_write() {

@@ -7,6 +7,8 @@
 //! finally flushes each connection with pending output once.
 
 mod conn;
+mod http;
+pub mod metrics;
 pub mod security;
 
 use std::io;
@@ -15,6 +17,9 @@ use std::sync::Arc;
 
 use hashbrown::HashMap;
 use std::time::{Duration, Instant};
+
+use http::{HttpConn, Progress, Route};
+use metrics::{ErrorKind, Live, Metrics};
 
 use log::{debug, info, warn};
 use mio::net::{TcpListener, TcpStream};
@@ -30,6 +35,10 @@ use security::{AuthSource, AuthToken, TlsSource};
 
 const LISTENER: Token = Token(usize::MAX - 1);
 const SIGNALS: Token = Token(usize::MAX - 2);
+const HTTP_LISTENER: Token = Token(usize::MAX - 3);
+/// Monitoring connections use tokens from here up (client connections use
+/// their slab index, far below).
+const HTTP_BASE: usize = 1 << 40;
 /// How long a closing connection may take to read our last reply.
 const LINGER_MS: u64 = 2_000;
 /// Delay between answering `error_auth` and closing the connection.
@@ -61,6 +70,8 @@ pub struct Options {
     pub tls: Option<(Arc<rustls::ServerConfig>, TlsSource)>,
     /// The shared secret, and where it was loaded from (for SIGHUP).
     pub auth: Option<(AuthToken, AuthSource)>,
+    /// Where to serve `/metrics`, `/health` and `/ready`; `None` = off.
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 /// How [`Server::run`] ended.
@@ -81,6 +92,7 @@ enum NetTimer {
     Linger(ConnId),
     ResumeAccept,
     ShutdownDeadline,
+    Http(u64),
 }
 
 pub struct Server {
@@ -110,6 +122,9 @@ pub struct Server {
     /// Open connections per peer address (only with a per-IP cap), and when
     /// a refusal for it was last logged.
     per_ip: HashMap<IpAddr, (usize, u64)>,
+    http_listener: Option<TcpListener>,
+    http: Slab<HttpConn>,
+    metrics: Metrics,
     accept_backoff_ms: u64,
 }
 
@@ -130,6 +145,15 @@ impl Server {
             opts.fence_seed,
             Box::new(core::OsEntropy),
         );
+        let http_listener = match opts.metrics_addr {
+            Some(addr) => {
+                let mut l = TcpListener::bind(addr)?;
+                poll.registry()
+                    .register(&mut l, HTTP_LISTENER, Interest::READABLE)?;
+                Some(l)
+            }
+            None => None,
+        };
         Ok(Server {
             poll,
             listener: Some(listener),
@@ -153,12 +177,22 @@ impl Server {
             accept_paused: false,
             fd_exhausted: false,
             per_ip: HashMap::new(),
+            http_listener,
+            http: Slab::new(),
+            metrics: Metrics::default(),
             accept_backoff_ms: ACCEPT_BACKOFF_MIN_MS,
         })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// Where the monitoring endpoint listens, if enabled.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.http_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
     }
 
     /// Serves until a shutdown signal has been handled (see [`Shutdown`]) or
@@ -172,12 +206,15 @@ impl Server {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
-            self.now = self.start.elapsed().as_millis() as u64;
+            let turn_start = Instant::now();
+            self.now = (turn_start - self.start).as_millis() as u64;
             self.fire_timers();
             for event in events.iter() {
                 match event.token() {
                     LISTENER => self.accept_all(),
                     SIGNALS => self.on_signals(),
+                    HTTP_LISTENER => self.accept_http(),
+                    Token(t) if t >= HTTP_BASE => self.on_http(t - HTTP_BASE),
                     Token(idx) => {
                         if event.is_readable() || event.is_read_closed() || event.is_error() {
                             self.on_readable(idx, event.is_read_closed());
@@ -190,6 +227,9 @@ impl Server {
             }
             self.resume_ready();
             self.flush_dirty();
+            if self.http_listener.is_some() {
+                self.metrics.observe_turn(turn_start.elapsed());
+            }
             if self.draining && self.shutdown.is_none() && self.core.is_quiescent() {
                 self.shutdown = Some(Shutdown::Drained);
             }
@@ -330,6 +370,8 @@ impl Server {
     }
 
     fn admit(&mut self, mut stream: TcpStream, peer: SocketAddr) {
+        self.metrics.accepted += 1;
+        self.metrics.rejected += 1; // undone below once admitted
         if self.opts.max_connections != 0 && self.conns.len() >= self.opts.max_connections {
             debug!(
                 "refusing {peer}: --max-connections {} reached",
@@ -386,6 +428,7 @@ impl Server {
             );
         }
         entry.insert(conn);
+        self.metrics.rejected -= 1;
         self.core.connect(id);
         debug!("conn {id} open from {peer}");
     }
@@ -439,6 +482,7 @@ impl Server {
             match t {
                 NetTimer::Read(id) => self.on_read_timer(id),
                 NetTimer::Write(id) => self.on_write_timer(id),
+                NetTimer::Http(id) => self.close_http(id),
                 NetTimer::Linger(id) => {
                     if let Some(idx) = self.index_of(id) {
                         self.close(idx, "did not close after our last reply");
@@ -580,6 +624,7 @@ impl Server {
                 Ok(Some(frame)) => frame,
                 Ok(None) => break,
                 Err(FrameError::LineTooLong) => {
+                    self.metrics.count_error(ErrorKind::LineTooLong);
                     warn!("conn {} ({}): line too long; closing", c.id, c.peer);
                     self.fail(idx);
                     return;
@@ -605,8 +650,12 @@ impl Server {
                     self.fail(idx);
                     return;
                 }
-                (Ok(req), _) => self.core.handle(now, id, req, &mut self.outbox),
+                (Ok(req), _) => {
+                    self.metrics.count_command(req);
+                    self.core.handle(now, id, req, &mut self.outbox)
+                }
                 (Err(e), _) => {
+                    self.metrics.count_error(ErrorKind::Parse(*e));
                     warn!("conn {id} ({}): bad request: {e:?}", c.peer);
                     self.outbox.replies.push((id, Reply::Error));
                     Outcome::Replied
@@ -667,6 +716,7 @@ impl Server {
                 c.peer,
                 c.unsent()
             );
+            self.metrics.slow_consumers += 1;
             self.close(idx, "slow consumer");
         }
     }
@@ -774,6 +824,7 @@ impl Server {
         let (reply, closing, delay) = if c.authed {
             (Reply::Error, Closing::AfterFlush, LINGER_MS)
         } else {
+            self.metrics.auth_failures += 1;
             warn!("conn {id} ({}): authentication failed", c.peer);
             (Reply::ErrorAuth, Closing::AuthFailed, AUTH_FAIL_CLOSE_MS)
         };
@@ -801,9 +852,145 @@ impl Server {
             self.timers.cancel(t);
         }
         debug!("conn {} closed ({why})", c.id);
+        self.metrics.closed_bytes_read += c.bytes_read;
+        self.metrics.closed_bytes_written += c.bytes_written;
         self.forget_peer(c.peer);
         self.core.disconnect(self.now, c.id, &mut self.outbox);
         self.dispatch(None);
+    }
+
+    // ---- monitoring ----
+
+    fn accept_http(&mut self) {
+        loop {
+            let Some(listener) = &self.http_listener else {
+                return;
+            };
+            let (mut stream, peer) = match listener.accept() {
+                Ok(a) => a,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if is_fd_exhaustion(&e) => return,
+                Err(_) => continue,
+            };
+            if self.http.len() >= http::MAX_CONNECTIONS {
+                debug!("refusing monitoring connection from {peer}: too many");
+                continue;
+            }
+            let entry = self.http.vacant_entry();
+            let idx = entry.key();
+            self.next_generation = self.next_generation.wrapping_add(1);
+            let id = ((self.next_generation as u64) << 32) | idx as u64;
+            let token = Token(HTTP_BASE + idx);
+            if self
+                .poll
+                .registry()
+                .register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)
+                .is_err()
+            {
+                continue;
+            }
+            let timer = self
+                .timers
+                .insert(self.now + http::REQUEST_TIMEOUT_MS, NetTimer::Http(id));
+            entry.insert(HttpConn {
+                id,
+                stream,
+                input: Vec::new(),
+                output: Vec::new(),
+                written: 0,
+                responded: false,
+                timer,
+            });
+        }
+    }
+
+    fn on_http(&mut self, idx: usize) {
+        let Some(h) = self.http.get_mut(idx) else {
+            return;
+        };
+        let id = h.id;
+        if !h.responded {
+            let auth = self.opts.auth.as_ref().map(|(t, _)| t);
+            let authorized = |header: Option<&[u8]>| match auth {
+                None => true,
+                Some(token) => header
+                    .and_then(|v| v.strip_prefix(b"Bearer "))
+                    .is_some_and(|v| token.verify(v)),
+            };
+            let route = match h.read(&authorized) {
+                Progress::Partial => return,
+                Progress::Closed => return self.close_http(id),
+                Progress::Request(route) => route,
+            };
+            self.answer_http(idx, route);
+        }
+        let h = &mut self.http[idx];
+        match h.flush() {
+            Ok(false) => {}
+            Ok(true) | Err(_) => self.close_http(id),
+        }
+    }
+
+    fn answer_http(&mut self, idx: usize, route: Route) {
+        let mut body = Vec::new();
+        let (status, ctype, extra) = match route {
+            Route::Metrics => {
+                let live = self.live_figures();
+                self.metrics.encode(&self.core, &live, &mut body);
+                ("200 OK", "text/plain; version=0.0.4; charset=utf-8", "")
+            }
+            Route::Health => {
+                body.extend_from_slice(b"ok\n");
+                ("200 OK", "text/plain", "")
+            }
+            Route::Ready if self.draining => {
+                body.extend_from_slice(b"draining\n");
+                ("503 Service Unavailable", "text/plain", "")
+            }
+            Route::Ready => {
+                body.extend_from_slice(b"ready\n");
+                ("200 OK", "text/plain", "")
+            }
+            Route::Unauthorized => (
+                "401 Unauthorized",
+                "text/plain",
+                "WWW-Authenticate: Bearer\r\n",
+            ),
+            Route::NotFound => ("404 Not Found", "text/plain", ""),
+            Route::MethodNotAllowed => (
+                "405 Method Not Allowed",
+                "text/plain",
+                "Allow: GET, HEAD\r\n",
+            ),
+            Route::TooLarge => ("431 Request Header Fields Too Large", "text/plain", ""),
+            Route::BadRequest => ("400 Bad Request", "text/plain", ""),
+        };
+        let h = &mut self.http[idx];
+        http::respond(&mut h.output, status, ctype, extra, &body);
+        h.responded = true;
+    }
+
+    fn live_figures(&self) -> Live {
+        let (read, written) = self.conns.iter().fold((0, 0), |(r, w), (_, c)| {
+            (r + c.bytes_read, w + c.bytes_written)
+        });
+        Live {
+            connections: self.conns.len(),
+            bytes_read: self.metrics.closed_bytes_read + read,
+            bytes_written: self.metrics.closed_bytes_written + written,
+            draining: self.draining,
+        }
+    }
+
+    fn close_http(&mut self, id: u64) {
+        let idx = (id & 0xffff_ffff) as usize;
+        if self.http.get(idx).is_none_or(|h| h.id != id) {
+            return;
+        }
+        let mut h = self.http.remove(idx);
+        self.timers.cancel(h.timer);
+        let _ = self.poll.registry().deregister(&mut h.stream);
     }
 
     /// Counts a connection from `peer` as gone, for the per-IP cap.

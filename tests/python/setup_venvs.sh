@@ -15,6 +15,8 @@ VENV_ROOT="$REPO/.venv"
 
 PYTEST_PIN="pytest==9.2.0"
 PYTEST_TIMEOUT_PIN="pytest-timeout==2.4.0"
+# Parses the server's /metrics output in test_metrics.py.
+PROM_PIN="prometheus-client==0.26.0"
 
 if [[ -z "${PYTHON:-}" ]]; then
     if command -v python3.11 >/dev/null 2>&1; then
@@ -41,7 +43,8 @@ from importlib.metadata import version
 assert version("dflockd-client") == sys.argv[1]
 assert version("pytest") == "9.2.0"
 assert version("pytest-timeout") == "2.4.0"
-import dflockd_client, pytest, pytest_timeout  # noqa: F401
+assert version("prometheus-client") == "0.26.0"
+import dflockd_client, pytest, pytest_timeout, prometheus_client  # noqa: F401
 EOF
 }
 
@@ -57,7 +60,7 @@ make_venv() {
     "$PYTHON" -m venv "$dir"
     "$dir/bin/python" -m pip install --quiet --disable-pip-version-check \
         --ignore-requires-python \
-        "dflockd-client==$client_version" "$PYTEST_PIN" "$PYTEST_TIMEOUT_PIN"
+        "dflockd-client==$client_version" "$PYTEST_PIN" "$PYTEST_TIMEOUT_PIN" "$PROM_PIN"
     if ! venv_ok "$dir" "$client_version"; then
         echo "setup_venvs: $dir is still incomplete after pip install" >&2
         return 1
