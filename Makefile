@@ -2,7 +2,7 @@
 CARGO ?= cargo
 PYTEST_ARGS ?=
 
-.PHONY: run build release test test-rust test-clients lint fmt clean
+.PHONY: run build release test test-rust test-clients test-static static lint fmt clean
 
 ## Run the server on its defaults (127.0.0.1:6388).
 run:
@@ -14,14 +14,23 @@ build:
 release:
 	$(CARGO) build --release --bin dflockd
 
-## Every test: unit, integration (real binary, real sockets), real PyPI clients.
-test: test-rust test-clients
+## Every test: unit, integration (real binary, real sockets), the published
+## Python clients, and the static binary alone in an empty root.
+test: test-rust test-clients test-static
 
 test-rust:
 	$(CARGO) test --all-targets
 
 test-clients: build
 	bash tests/python/run.sh $(PYTEST_ARGS)
+
+## Fully static x86_64 Linux binary at target/static/dflockd (what the Dockerfile copies).
+static:
+	bash scripts/static.sh
+
+## The static binary alone in an empty chroot (prints SKIP where chroot is not permitted).
+test-static: static
+	bash tests/static/empty_root.sh
 
 lint:
 	$(CARGO) fmt --all -- --check
