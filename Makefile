@@ -2,7 +2,7 @@
 CARGO ?= cargo
 PYTEST_ARGS ?=
 
-.PHONY: run build release test test-rust test-clients test-static static lint fmt clean
+.PHONY: run build release test test-rust test-clients test-static static soak lint fmt clean
 
 ## Run the server on its defaults (127.0.0.1:6388).
 run:
@@ -31,6 +31,11 @@ static:
 ## The static binary alone in an empty chroot (prints SKIP where chroot is not permitted).
 test-static: static
 	bash tests/static/empty_root.sh
+
+## A longer soak (SOAK_SECS, default 60) of random clients against the release binary.
+SOAK_SECS ?= 60
+soak:
+	SOAK_SECS=$(SOAK_SECS) SOAK_CLIENTS=$${SOAK_CLIENTS:-48} $(CARGO) test --release --test soak -- --nocapture
 
 lint:
 	$(CARGO) fmt --all -- --check
