@@ -17,6 +17,7 @@ fn main() -> ExitCode {
         }
         Ok(Action::Version) => {
             println!("dflockd {}", env!("CARGO_PKG_VERSION"));
+            println!("features: tls (rustls with ring), token auth, signals, prometheus metrics");
             return ExitCode::SUCCESS;
         }
         Err(e) => {

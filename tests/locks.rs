@@ -411,3 +411,42 @@ fn idle_keys_are_collected() {
     std::thread::sleep(Duration::from_millis(2300));
     assert!(stats(&mut a).contains("\"idle_locks\":[]"));
 }
+
+#[test]
+fn readme_and_help_document_the_same_flags() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dflockd"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    let help = String::from_utf8(out.stdout).unwrap();
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let flags: Vec<&str> = help
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("--"))
+        .map(|l| l.split([' ', '[']).next().unwrap())
+        .collect();
+    assert!(flags.len() > 20, "{flags:?}");
+    for flag in flags {
+        assert!(
+            readme.contains(&format!("`{flag}")),
+            "README does not document {flag}"
+        );
+    }
+    for var in help
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with("DFLOCKD_"))
+    {
+        assert!(readme.contains(var), "README does not mention {var}");
+    }
+    let version = std::process::Command::new(env!("CARGO_BIN_EXE_dflockd"))
+        .arg("--version")
+        .output()
+        .unwrap();
+    let v = String::from_utf8(version.stdout).unwrap();
+    assert!(
+        v.starts_with(&format!("dflockd {}", env!("CARGO_PKG_VERSION"))) && v.contains("features:"),
+        "{v}"
+    );
+}
