@@ -2,7 +2,7 @@
 CARGO ?= cargo
 PYTEST_ARGS ?=
 
-.PHONY: run build release test test-rust test-clients test-static static soak lint fmt clean
+.PHONY: run build release test test-rust test-clients test-static static soak bench lint fmt clean
 
 ## Run the server on its defaults (127.0.0.1:6388).
 run:
@@ -36,6 +36,12 @@ test-static: static
 SOAK_SECS ?= 60
 soak:
 	SOAK_SECS=$(SOAK_SECS) SOAK_CLIENTS=$${SOAK_CLIENTS:-48} $(CARGO) test --release --test soak -- --nocapture
+
+## Benchmark against the Python reference server and Redis (bench/results/),
+## then idle memory, memory per connection and binary size.
+bench:
+	bash scripts/bench.sh
+	bash scripts/measure_memory.sh
 
 lint:
 	$(CARGO) fmt --all -- --check

@@ -121,7 +121,7 @@ fn client(port: u16, seed: u64, shared: Arc<Shared>) {
             // Two-phase.
             2 => {
                 let r = c.cmd(enq, &key, limit_arg.trim());
-                let t = if r.starts_with("acquired ") {
+                if r.starts_with("acquired ") {
                     token_of(&r)
                 } else if r == "queued" {
                     let w = c.cmd(wait, &key, "2");
@@ -136,8 +136,7 @@ fn client(port: u16, seed: u64, shared: Arc<Shared>) {
                 } else {
                     shared.error(enq, &r);
                     continue;
-                };
-                t
+                }
             }
             // Something harmless in between.
             _ => {

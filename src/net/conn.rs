@@ -72,6 +72,9 @@ pub struct Conn {
 pub enum ReadOutcome {
     /// Got bytes (appended to `input`); there may be more.
     Data,
+    /// Got fewer bytes than asked for: the socket is empty for now. A new
+    /// arrival raises a new readiness event, so no `EAGAIN` read is needed.
+    Drained,
     /// The socket has nothing more for now.
     WouldBlock,
     /// The input buffer is full; reading resumes when it drains.
@@ -141,7 +144,12 @@ impl Conn {
                     self.compact_input();
                     self.input.extend_from_slice(&scratch[..n]);
                     self.bytes_read += n as u64;
-                    Ok(ReadOutcome::Data)
+                    if n < want {
+                        self.input_pending = false;
+                        Ok(ReadOutcome::Drained)
+                    } else {
+                        Ok(ReadOutcome::Data)
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.input_pending = false;

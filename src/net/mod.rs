@@ -577,7 +577,7 @@ impl Server {
                 return;
             };
             match outcome {
-                Ok(ReadOutcome::Data) => {
+                Ok(outcome @ (ReadOutcome::Data | ReadOutcome::Drained)) => {
                     if c.closing != Closing::No {
                         // Draining the input of a connection we are closing.
                         c.input.clear();
@@ -585,6 +585,9 @@ impl Server {
                         continue;
                     }
                     self.process_input(idx);
+                    if matches!(outcome, ReadOutcome::Drained) && !peer_closed {
+                        return;
+                    }
                 }
                 Ok(ReadOutcome::Full) if peer_closed => {
                     self.on_eof(idx);

@@ -1,0 +1,419 @@
+//! The human table, the combined results file with the target checks, and
+//! the SVG chart.
+
+use std::fmt::Write as _;
+use std::fs;
+
+use plotters::prelude::*;
+use serde_json::{Value, json};
+
+fn f(v: &Value, k: &str) -> Option<f64> {
+    v.get(k).and_then(Value::as_f64)
+}
+
+fn lat(v: &Value, k: &str) -> Option<f64> {
+    v.get("latency_us")
+        .and_then(|l| l.get(k))
+        .and_then(Value::as_f64)
+}
+
+fn s<'a>(v: &'a Value, k: &str) -> &'a str {
+    v.get(k).and_then(Value::as_str).unwrap_or("")
+}
+
+fn u(v: &Value, k: &str) -> u64 {
+    v.get(k).and_then(Value::as_u64).unwrap_or(0)
+}
+
+fn opt(x: Option<f64>, prec: usize) -> String {
+    x.map_or_else(|| "-".to_string(), |x| format!("{x:.prec$}"))
+}
+
+/// A fixed-width table of runs, one line each.
+pub fn table(rows: &[Value]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<8} {:<10} {:>5} {:>5} {:>11} {:>11} {:>9} {:>9} {:>9} {:>9} {:>7} {:>9} {:>9} {:>7} {:>8}",
+        "server",
+        "mode",
+        "conns",
+        "depth",
+        "cycles/s",
+        "requests/s",
+        "p50 us",
+        "p99 us",
+        "p99.9 us",
+        "max us",
+        "errors",
+        "srv us/cy",
+        "srv us/rq",
+        "srv cpu",
+        "rss KiB",
+    );
+    for r in rows {
+        let mut errors = u(r, "errors").to_string();
+        if let Some(v) = r.get("fifo_violations").and_then(Value::as_u64) {
+            errors = format!("{errors}/{v}f");
+        }
+        let _ = writeln!(
+            out,
+            "{:<8} {:<10} {:>5} {:>5} {:>11.0} {:>11.0} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>7} {:>9} {:>9} {:>7} {:>8}",
+            s(r, "server"),
+            s(r, "mode"),
+            u(r, "connections"),
+            u(r, "depth"),
+            f(r, "cycles_per_s").unwrap_or(0.0),
+            f(r, "requests_per_s").unwrap_or(0.0),
+            lat(r, "p50").unwrap_or(0.0),
+            lat(r, "p99").unwrap_or(0.0),
+            lat(r, "p999").unwrap_or(0.0),
+            lat(r, "max").unwrap_or(0.0),
+            errors,
+            opt(f(r, "server_cpu_us_per_cycle"), 2),
+            opt(f(r, "server_cpu_us_per_request"), 2),
+            opt(f(r, "server_cpu_util").map(|x| x * 100.0), 0) + "%",
+            r.get("server_rss_kib")
+                .and_then(Value::as_u64)
+                .map_or("-".into(), |x| x.to_string()),
+        );
+    }
+    out
+}
+
+/// The row for a server/mode/connection count (and depth, when given).
+fn find<'a>(
+    rows: &'a [Value],
+    server: &str,
+    mode: &str,
+    conns: u64,
+    depth: Option<u64>,
+) -> Option<&'a Value> {
+    rows.iter().find(|r| {
+        s(r, "server") == server
+            && s(r, "mode") == mode
+            && u(r, "connections") == conns
+            && depth.is_none_or(|d| u(r, "depth") == d)
+    })
+}
+
+struct Check {
+    name: String,
+    value: Option<f64>,
+    limit: String,
+    pass: Option<bool>,
+    note: String,
+}
+
+fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+        _ => None,
+    }
+}
+
+/// The performance targets of the benchmark issue, checked on one run.
+fn checks(rows: &[Value]) -> Vec<Check> {
+    let mut out = Vec::new();
+    let cpu = |r: Option<&Value>| r.and_then(|r| f(r, "server_cpu_us_per_cycle"));
+    let ours100 = find(rows, "dflockd", "lock", 100, None);
+    let redis100 = find(rows, "redis", "redis-lock", 100, Some(1));
+    let py100 = find(rows, "python", "lock", 100, None);
+    let mut push =
+        |name: &str, value: Option<f64>, limit: &str, ok: &dyn Fn(f64) -> bool, note: String| {
+            out.push(Check {
+                name: name.into(),
+                value,
+                limit: limit.into(),
+                pass: value.map(ok),
+                note,
+            });
+        };
+    push(
+        "lock@100: our CPU/cycle / Redis CPU per SET NX+DEL",
+        ratio(cpu(ours100), cpu(redis100)),
+        "<= 1.0",
+        &|x| x <= 1.0,
+        format!(
+            "ours {} us, redis {} us",
+            opt(cpu(ours100), 2),
+            opt(cpu(redis100), 2)
+        ),
+    );
+    push(
+        "lock@100: our CPU/cycle / Python CPU/cycle",
+        ratio(cpu(ours100), cpu(py100)),
+        "<= 0.125",
+        &|x| x <= 0.125,
+        format!("python {} us", opt(cpu(py100), 2)),
+    );
+    let tput = |r: Option<&Value>| r.and_then(|r| f(r, "cycles_per_s"));
+    push(
+        "lock@100: our throughput / Python throughput",
+        ratio(tput(ours100), tput(py100)),
+        ">= 5",
+        &|x| x >= 5.0,
+        format!(
+            "ours {} /s, python {} /s",
+            opt(tput(ours100), 0),
+            opt(tput(py100), 0)
+        ),
+    );
+    let pipe = find(rows, "dflockd", "pipeline", 10, Some(32));
+    let redis_pipe = find(rows, "redis", "redis-lock", 10, Some(32));
+    push(
+        "pipeline d=32 @10: our CPU per request (us)",
+        pipe.and_then(|r| f(r, "server_cpu_us_per_request")),
+        "<= 1.0",
+        &|x| x <= 1.0,
+        format!(
+            "redis pipelined: {} us/request",
+            opt(
+                redis_pipe.and_then(|r| f(r, "server_cpu_us_per_request")),
+                2
+            )
+        ),
+    );
+    let p50 = |r: Option<&Value>| r.and_then(|r| lat(r, "p50"));
+    let ours1 = find(rows, "dflockd", "lock", 1, None);
+    let redis1 = find(rows, "redis", "redis-lock", 1, Some(1));
+    push(
+        "lock@1: our median cycle / Redis median SET NX+DEL",
+        ratio(p50(ours1), p50(redis1)),
+        "<= 1.2",
+        &|x| x <= 1.2,
+        format!(
+            "ours {} us, redis {} us",
+            opt(p50(ours1), 1),
+            opt(p50(redis1), 1)
+        ),
+    );
+    for (label, modes) in [
+        ("tail @100/@500, lock: worst p99/p50", &["lock"][..]),
+        (
+            "tail @100/@500, all our modes: worst p99/p50",
+            &["lock", "contended", "sem", "twophase", "pipeline"][..],
+        ),
+    ] {
+        let mut worst: Option<(f64, String)> = None;
+        for r in rows.iter().filter(|r| {
+            s(r, "server") == "dflockd"
+                && modes.contains(&s(r, "mode"))
+                && matches!(u(r, "connections"), 100 | 500)
+        }) {
+            if let Some(x) = ratio(lat(r, "p99"), lat(r, "p50")) {
+                if worst.as_ref().is_none_or(|(w, _)| x > *w) {
+                    worst = Some((x, format!("{}@{}", s(r, "mode"), u(r, "connections"))));
+                }
+            }
+        }
+        push(
+            label,
+            worst.as_ref().map(|w| w.0),
+            "<= 2.5",
+            &|x| x <= 2.5,
+            worst.map_or(String::new(), |w| format!("worst: {}", w.1)),
+        );
+    }
+    let errs: u64 = rows
+        .iter()
+        .filter(|r| s(r, "server") == "dflockd")
+        .map(|r| u(r, "errors") + u(r, "dead_connections"))
+        .sum();
+    push(
+        "errors in our runs",
+        Some(errs as f64),
+        "== 0",
+        &|x| x == 0.0,
+        String::new(),
+    );
+    let cont = find(rows, "dflockd", "contended", 100, None);
+    push(
+        "contended@100 (1 key): FIFO violations",
+        cont.and_then(|r| r.get("fifo_violations"))
+            .and_then(Value::as_f64),
+        "== 0",
+        &|x| x == 0.0,
+        format!(
+            "{} grants checked",
+            cont.map_or(0, |r| u(r, "fifo_checked_grants"))
+        ),
+    );
+    push(
+        "contended@100: CPU/cycle / uncontended lock@100",
+        ratio(cpu(cont), cpu(ours100)),
+        "<= 1.5",
+        &|x| x <= 1.5,
+        format!("contended {} us", opt(cpu(cont), 2)),
+    );
+    out
+}
+
+fn checks_text(cs: &[Check]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "\n{:<55} {:>10} {:>9} {:>6}  note",
+        "target", "value", "limit", ""
+    );
+    for c in cs {
+        let verdict = match c.pass {
+            Some(true) => "PASS",
+            Some(false) => "MISS",
+            None => "n/a",
+        };
+        let _ = writeln!(
+            out,
+            "{:<55} {:>10} {:>9} {:>6}  {}",
+            c.name,
+            opt(c.value, 3),
+            c.limit,
+            verdict,
+            c.note
+        );
+    }
+    out
+}
+
+/// Combines the runs of one `make bench` into a results file, a table with
+/// the target checks, and a chart.
+pub fn report(
+    input: &str,
+    output: Option<&str>,
+    svg: Option<&str>,
+    machine: &str,
+    command: &str,
+) -> Result<(), String> {
+    let text = fs::read_to_string(input).map_err(|e| format!("{input}: {e}"))?;
+    let rows: Vec<Value> = text
+        .lines()
+        .filter(|l| l.trim_start().starts_with('{'))
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    if rows.is_empty() {
+        return Err(format!("{input}: no results"));
+    }
+    let cs = checks(&rows);
+    print!("{}", table(&rows));
+    print!("{}", checks_text(&cs));
+    if let Some(out) = output {
+        let doc = json!({
+            "machine": machine,
+            "command": command,
+            "generated_unix_s": std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            "runs": rows,
+            "targets": cs.iter().map(|c| json!({
+                "target": c.name, "value": c.value, "limit": c.limit,
+                "pass": c.pass, "note": c.note,
+            })).collect::<Vec<_>>(),
+        });
+        let body = serde_json::to_string_pretty(&doc).map_err(|e| e.to_string())?;
+        fs::write(out, body + "\n").map_err(|e| format!("{out}: {e}"))?;
+        eprintln!("wrote {out}");
+    }
+    if let Some(path) = svg {
+        chart(&rows, path, machine).map_err(|e| format!("{path}: {e}"))?;
+        eprintln!("wrote {path}");
+    }
+    Ok(())
+}
+
+/// Which chart row a run belongs to (Redis's pipelined SET/DEL goes with
+/// our pipeline mode, its plain one with our lock mode).
+fn chart_row(r: &Value) -> &str {
+    match s(r, "mode") {
+        "redis-lock" if u(r, "depth") > 1 => "pipeline",
+        "redis-lock" => "lock",
+        m => m,
+    }
+}
+
+const ROWS: [&str; 5] = ["lock", "contended", "sem", "twophase", "pipeline"];
+const SERVERS: [(&str, RGBColor); 3] = [
+    ("dflockd", RGBColor(0xd6, 0x27, 0x28)),
+    ("python", RGBColor(0x1f, 0x77, 0xb4)),
+    ("redis", RGBColor(0x2c, 0xa0, 0x2c)),
+];
+
+type Series<'a> = (&'a str, RGBColor, Vec<(f64, f64)>);
+type Metric = (&'static str, fn(&Value) -> Option<f64>);
+
+fn chart(rows: &[Value], path: &str, machine: &str) -> Result<(), Box<dyn std::error::Error>> {
+    let metrics: [Metric; 3] = [
+        ("throughput (cycles/s)", |r| f(r, "cycles_per_s")),
+        ("p99 latency (us)", |r| lat(r, "p99")),
+        ("server CPU per cycle (us)", |r| {
+            f(r, "server_cpu_us_per_cycle")
+        }),
+    ];
+    let root = SVGBackend::new(path, (1500, 1750)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let (title, body) = root.split_vertically(50);
+    title.titled(
+        &format!("dflockd benchmark: one closed-loop client thread, loopback. {machine}"),
+        ("sans-serif", 20),
+    )?;
+    let areas = body.split_evenly((ROWS.len(), metrics.len()));
+    for (i, area) in areas.iter().enumerate() {
+        let row = ROWS[i / metrics.len()];
+        let (mname, metric) = metrics[i % metrics.len()];
+        let mut series: Vec<Series> = Vec::new();
+        for (server, color) in SERVERS {
+            let mut pts: Vec<(f64, f64)> = rows
+                .iter()
+                .filter(|r| s(r, "server") == server && chart_row(r) == row)
+                .filter_map(|r| Some((u(r, "connections") as f64, metric(r)?)))
+                .filter(|&(_, y)| y > 0.0)
+                .collect();
+            pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+            if !pts.is_empty() {
+                series.push((server, color, pts));
+            }
+        }
+        let ys = series.iter().flat_map(|s| s.2.iter().map(|p| p.1));
+        let (lo, hi) = ys.fold((f64::MAX, f64::MIN), |(lo, hi), y| (lo.min(y), hi.max(y)));
+        let (lo, hi) = if lo > hi {
+            (1.0, 10.0)
+        } else {
+            (lo / 2.0, hi * 2.0)
+        };
+        let mut chart = ChartBuilder::on(area)
+            .caption(format!("{row}: {mname}"), ("sans-serif", 15))
+            .margin(8)
+            .x_label_area_size(32)
+            .y_label_area_size(58)
+            .build_cartesian_2d((0.8f64..700f64).log_scale(), (lo..hi).log_scale())?;
+        chart
+            .configure_mesh()
+            .x_desc("connections")
+            .x_label_formatter(&|x| format!("{x:.0}"))
+            .y_label_formatter(&|y| {
+                if *y >= 100.0 {
+                    format!("{y:.0}")
+                } else {
+                    format!("{y:.2}")
+                }
+            })
+            .draw()?;
+        for (server, color, pts) in series {
+            chart
+                .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))?
+                .label(server)
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
+                });
+            chart.draw_series(pts.iter().map(|&p| Circle::new(p, 3, color.filled())))?;
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()?;
+    }
+    root.present()?;
+    Ok(())
+}
