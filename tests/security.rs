@@ -331,6 +331,59 @@ fn sec1_and_pkcs8_keys_load() {
     assert_eq!(c.cmd("ping", "_", ""), "ok");
 }
 
+#[test]
+fn rsa_pkcs1_keys_load() {
+    if std::process::Command::new("openssl")
+        .arg("version")
+        .output()
+        .is_err()
+    {
+        eprintln!("SKIP: no openssl command to make an RSA certificate");
+        return;
+    }
+    let pki = Pki::new("rsa");
+    let openssl = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(&pki.dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    openssl(&["genrsa", "-traditional", "-out", "rsa-key.pem", "2048"]);
+    openssl(&[
+        "req",
+        "-x509",
+        "-key",
+        "rsa-key.pem",
+        "-out",
+        "rsa-cert.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=localhost",
+        "-addext",
+        "subjectAltName=DNS:localhost",
+        "-addext",
+        "basicConstraints=critical,CA:FALSE",
+    ]);
+    let key = std::fs::read_to_string(pki.path("rsa-key.pem")).unwrap();
+    assert!(key.contains("BEGIN RSA PRIVATE KEY"), "not PKCS#1: {key}");
+    let s = Server::start(&[
+        "--tls-cert",
+        &pki.s("rsa-cert.pem"),
+        "--tls-key",
+        &pki.s("rsa-key.pem"),
+    ]);
+    // The self-signed certificate is its own trust anchor.
+    let mut c = TlsClient::connect(s.port, &pki.path("rsa-cert.pem")).unwrap();
+    assert_eq!(c.cmd("ping", "_", ""), "ok");
+}
+
 fn auth_fails_and_closes(c: &mut Client, cmd: &str, arg: &str) {
     let t0 = Instant::now();
     assert_eq!(c.cmd(cmd, "_", arg), "error_auth");

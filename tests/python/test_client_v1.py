@@ -231,3 +231,38 @@ def test_signal_queue_groups_round_robin(server):
     finally:
         for c in (*workers, plain, emitter):
             c.close()
+
+
+@pytest.mark.sig
+def test_signal_heartbeat_keeps_an_idle_listener_alive(dflockd_factory):
+    # The read timeout closes idle connections after 2 s; the client's
+    # `ping _ <empty>` heartbeat every 0.5 s keeps a quiet listener open.
+    srv = dflockd_factory("--read-timeout", "2")
+    with sync_client.SignalConn(server=srv.addr, heartbeat_interval_s=0.5) as listener, \
+            sync_client.SignalConn(server=srv.addr, heartbeat_interval_s=0.5) as emitter:
+        listener.listen("quiet.>")
+        time.sleep(4.5)
+        assert emitter.emit("quiet.after", "still here") == 1
+        assert listener.signals.get(timeout=5) == ("quiet.after", "still here")
+
+    async def main():
+        async with aclient.SignalConn(server=srv.addr, heartbeat_interval_s=0.5) as listener:
+            await listener.listen("aquiet.*")
+            await asyncio.sleep(4.5)
+            async with aclient.SignalConn(server=srv.addr) as emitter:
+                assert await emitter.emit("aquiet.x", "alive") == 1
+
+            async def first():
+                async for sig in listener:
+                    return sig
+
+            sig = await asyncio.wait_for(first(), 5)
+            assert (sig.channel, sig.payload) == ("aquiet.x", "alive")
+
+    asyncio.run(main())
+    # Without a heartbeat the same idle listener is closed by the server.
+    with sync_client.SignalConn(server=srv.addr, heartbeat_interval_s=0) as silent:
+        silent.listen("gone.>")
+        time.sleep(3)
+        with sync_client.SignalConn(server=srv.addr, heartbeat_interval_s=0) as emitter:
+            assert emitter.emit("gone.x", "nobody") == 0
