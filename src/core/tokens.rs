@@ -40,7 +40,7 @@ impl Entropy for SeededEntropy {
     }
 }
 
-const BATCH: usize = 64;
+const BATCH: usize = 256;
 
 pub struct TokenSource {
     fence: u64,
