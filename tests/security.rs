@@ -519,3 +519,21 @@ fn per_ip_connection_cap() {
         "{log}"
     );
 }
+
+#[test]
+fn connections_that_close_during_the_handshake_leave_the_server_up() {
+    let pki = Pki::new("early-close");
+    let mut s = tls_server(&pki, &[]);
+    for i in 0..20 {
+        let mut c = TcpStream::connect(("127.0.0.1", s.port)).unwrap();
+        if i % 2 == 1 {
+            // Half a ClientHello, then gone.
+            c.write_all(&[0x16, 0x03, 0x01, 0x00]).unwrap();
+        }
+        drop(c);
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(s.is_running(), "the server died");
+    let mut ok = TlsClient::connect(s.port, &pki.path("a-ca.pem")).unwrap();
+    assert_eq!(ok.cmd("ping", "_", ""), "ok");
+}

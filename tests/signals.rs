@@ -214,3 +214,17 @@ fn a_listener_that_never_reads_is_disconnected() {
     assert!(log.contains("slow consumer"), "{log}");
     assert!(stats(&mut p).contains("\"connections\":3"));
 }
+
+#[test]
+fn a_connection_publishing_to_itself_past_its_cap_is_dropped_cleanly() {
+    let s = Server::start(&["--max-output-buffer", "4096"]);
+    let mut c = s.connect();
+    listen(&mut c, "ch", "");
+    let payload = "x".repeat(3000);
+    let one = format!("signal\nch\n{payload}\n");
+    c.send(one.repeat(3).as_bytes());
+    assert!(c.closed_within(Duration::from_secs(5)));
+    let mut fresh = s.connect();
+    assert_eq!(fresh.cmd("ping", "_", ""), "ok");
+    assert!(stats(&mut fresh).starts_with("{\"connections\":1,"));
+}

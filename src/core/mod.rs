@@ -140,6 +140,9 @@ struct Waiter {
     lease_ms: u64,
     /// Armed while the connection is blocked on this waiter (`l`, `sl`, `w`).
     timer: Option<TimerHandle>,
+    /// When the blocked request times out. The timer may fire earlier (the
+    /// wheel clamps very distant deadlines) and is then re-armed.
+    deadline: u64,
     /// Queued by `e`/`se` rather than by a blocking acquire.
     two_phase: bool,
 }
@@ -490,16 +493,17 @@ impl Core {
             return replied(out, conn, Reply::ErrorMaxWaiters);
         }
         let waiter = self.new_waiter_id();
-        let timer = self.timers.insert(
-            now.saturating_add(timeout_s * 1000),
-            CoreTimer::WaitTimeout { res, waiter },
-        );
+        let deadline = now.saturating_add(timeout_s * 1000);
+        let timer = self
+            .timers
+            .insert(deadline, CoreTimer::WaitTimeout { res, waiter });
         self.waiting += 1;
         self.resources[res as usize].waiters.push_back(Waiter {
             id: waiter,
             conn,
             lease_ms,
             timer: Some(timer),
+            deadline,
             two_phase: false,
         });
         if let Some(c) = self.conns.get_mut(&conn) {
@@ -566,8 +570,19 @@ impl Core {
         out: &mut Outbox,
     ) -> Outcome {
         if let (Some(&res), Some(c)) = (self.keys.get(key), self.conns.get(&conn)) {
-            if c.two_phase_at(res).is_some() {
-                return replied(out, conn, Reply::ErrorAlreadyEnqueued);
+            if let Some(i) = c.two_phase_at(res) {
+                // A grant whose lease ran out before any `w` took it is over:
+                // the published clients never send `w` after `acquired`, so
+                // let a new `e` replace it rather than refuse forever.
+                let over = match c.two_phase[i].state {
+                    Enqueued::Granted(t) => self.resources[res as usize].holder(t).is_none(),
+                    Enqueued::Queued(_) => false,
+                };
+                if !over {
+                    return replied(out, conn, Reply::ErrorAlreadyEnqueued);
+                }
+                self.take_two_phase(conn, res);
+                self.settle(now, res);
             }
         }
         if self.draining {
@@ -597,6 +612,7 @@ impl Core {
                 conn,
                 lease_ms,
                 timer: None,
+                deadline: 0,
                 two_phase: true,
             });
             (Enqueued::Queued(waiter), Reply::Queued)
@@ -657,13 +673,14 @@ impl Core {
                     self.counters.acquire_timeouts += 1;
                     return replied(out, conn, Reply::Timeout);
                 }
-                let timer = self.timers.insert(
-                    now.saturating_add(timeout_s * 1000),
-                    CoreTimer::WaitTimeout { res, waiter },
-                );
+                let deadline = now.saturating_add(timeout_s * 1000);
+                let timer = self
+                    .timers
+                    .insert(deadline, CoreTimer::WaitTimeout { res, waiter });
                 let r = &mut self.resources[res as usize];
                 if let Some(w) = r.waiter(waiter) {
                     r.waiters[w].timer = Some(timer);
+                    r.waiters[w].deadline = deadline;
                 }
                 if let Some(c) = self.conns.get_mut(&conn) {
                     c.blocked = Some((res, waiter));
@@ -707,6 +724,15 @@ impl Core {
         else {
             return;
         };
+        let w = &mut self.resources[res as usize].waiters[i];
+        if w.deadline > now {
+            // Fired early (a clamped, very distant deadline): wait on.
+            w.timer = Some(
+                self.timers
+                    .insert(w.deadline, CoreTimer::WaitTimeout { res, waiter }),
+            );
+            return;
+        }
         let Some(w) = self.resources[res as usize].waiters.remove(i) else {
             return;
         };

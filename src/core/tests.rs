@@ -473,3 +473,29 @@ fn stats_json_shape() {
 \"idle_locks\":[{\"key\":\"idle\",\"idle_s\":1.5}],\"idle_semaphores\":[],\"signal_channels\":[]}"
     );
 }
+
+#[test]
+fn a_new_enqueue_replaces_a_two_phase_grant_whose_lease_ran_out() {
+    let mut h = Harness::new();
+    let t = granted(Some(h.enqueue(1, "k", Some(1))));
+    h.advance(1000);
+    assert_eq!(h.release(1, "k", t), Reply::Error);
+    // Without a `w`, the expired grant must not block the key for this
+    // connection forever.
+    granted(Some(h.enqueue(1, "k", Some(1))));
+    assert_eq!(h.enqueue(1, "k", None), Reply::ErrorAlreadyEnqueued);
+}
+
+#[test]
+fn a_very_long_wait_does_not_time_out_early() {
+    let mut h = Harness::new();
+    granted(h.lock(1, "k", 0, Some(crate::protocol::request::MAX_NUMBER)));
+    assert_eq!(
+        h.lock(2, "k", crate::protocol::request::MAX_NUMBER, None),
+        None
+    );
+    // Past the timer wheel's span (about 2.2 years): the timer fires early
+    // and is re-armed, no `timeout` yet.
+    assert!(h.advance(80_000_000_000).is_empty());
+    assert!(h.advance(80_000_000_000).is_empty());
+}

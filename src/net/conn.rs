@@ -32,6 +32,8 @@ pub enum Closing {
     /// Failed authentication: answered `error_auth`; closed by a timer about
     /// 100 ms later, which slows down guessing without stalling anyone else.
     AuthFailed,
+    /// A slow consumer: nothing more is sent; closed at the end of the turn.
+    Dropped,
 }
 
 pub struct Conn {

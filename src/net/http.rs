@@ -57,7 +57,13 @@ impl HttpConn {
         let mut buf = [0u8; 2048];
         loop {
             match self.stream.read(&mut buf) {
-                Ok(0) => return Progress::Closed,
+                // A client may half-close after its request: answer it.
+                Ok(0) => {
+                    return match route(&self.input, authorized) {
+                        Progress::Request(r) => Progress::Request(r),
+                        _ => Progress::Closed,
+                    };
+                }
                 Ok(n) => {
                     if self.input.len() + n > MAX_REQUEST {
                         return Progress::Request(Route::TooLarge);

@@ -227,6 +227,7 @@ impl Server {
             }
             self.resume_ready();
             self.flush_dirty();
+            self.drop_slow_consumers();
             if self.http_listener.is_some() {
                 self.metrics.observe_turn(turn_start.elapsed());
             }
@@ -526,6 +527,7 @@ impl Server {
             return;
         }
         let partial = !c.unread().is_empty();
+        self.metrics.count_error(ErrorKind::ReadTimeout);
         debug!(
             "conn {id}: read timeout ({})",
             if partial {
@@ -569,8 +571,10 @@ impl Server {
                 return;
             };
             let outcome = c.read_once(&mut self.scratch);
-            if c.tls_wants_write() {
-                // Handshake records or alerts to send.
+            let progressed = matches!(outcome, Ok(ReadOutcome::Data | ReadOutcome::Drained));
+            if progressed && c.tls_wants_write() {
+                // Handshake records or alerts to send. (Records that could not
+                // be sent before wait for a writable event instead.)
                 self.mark_dirty(idx);
             }
             let Some(c) = self.conns.get_mut(idx) else {
@@ -609,8 +613,10 @@ impl Server {
 
     fn on_eof(&mut self, idx: usize) {
         // Requests that arrived before the close have been answered; send
-        // what we can and go.
-        self.flush(idx);
+        // what we can (one attempt, no further reading) and go.
+        if let Some(c) = self.conns.get_mut(idx) {
+            let _ = c.flush();
+        }
         self.close(idx, "peer closed");
     }
 
@@ -688,11 +694,17 @@ impl Server {
                 continue;
             };
             let c = &mut self.conns[idx];
+            if c.closing == Closing::Dropped {
+                continue;
+            }
             encode_reply(&reply, self.outbox.body(&reply), &mut c.output);
             if reply.is_push()
                 && c.unsent() > self.opts.max_output_buffer
                 && c.closing == Closing::No
             {
+                // Closed at the end of the turn: the connection may be the one
+                // whose requests are being handled right now.
+                c.closing = Closing::Dropped;
                 self.slow.push(idx);
             }
             if c.blocked && !reply.is_push() {
@@ -709,6 +721,10 @@ impl Server {
             }
         }
         self.outbox.replies.clear();
+    }
+
+    /// Disconnects the listeners found over their output cap this turn.
+    fn drop_slow_consumers(&mut self) {
         while let Some(idx) = self.slow.pop() {
             let Some(c) = self.conns.get(idx) else {
                 continue;
@@ -777,7 +793,12 @@ impl Server {
         let was_backed_up = c.unsent() > OUTPUT_HIGH_WATER;
         let handshaking = c.tls_handshaking();
         let before = c.unsent();
-        match c.flush() {
+        let flushed = c.flush();
+        // The TLS session stopped reading to send its handshake flight; once
+        // that is out, data may already wait in the socket without a new
+        // readiness event.
+        let reread = handshaking && matches!(flushed, Ok(false)) && c.closing == Closing::No;
+        match flushed {
             Ok(true) => {
                 if c.unsent() < before || c.write_stalled_since.is_none() {
                     c.write_stalled_since = Some(self.now);
@@ -808,9 +829,7 @@ impl Server {
         if was_backed_up && c.unsent() <= OUTPUT_HIGH_WATER && c.closing == Closing::No {
             self.ready.push(idx);
         }
-        if handshaking {
-            // The session stopped reading to send its handshake flight; data
-            // may already wait in the socket without a new readiness edge.
+        if reread {
             self.on_readable(idx, false);
         }
     }

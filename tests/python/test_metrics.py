@@ -116,3 +116,16 @@ def test_garbage_and_silent_http_clients_do_not_disturb_locks(dflockd_factory):
     assert time.time() - t0 < 10
     for s in silent:
         s.close()
+
+
+def test_a_request_followed_by_a_half_close_is_answered(dflockd_factory):
+    srv = dflockd_factory("--metrics-addr", "127.0.0.1:0")
+    port = metrics_port(srv)
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(b"GET /health HTTP/1.0\r\n\r\n")
+    s.shutdown(socket.SHUT_WR)
+    s.settimeout(5)
+    data = b""
+    while chunk := s.recv(4096):
+        data += chunk
+    assert data.startswith(b"HTTP/1.1 200") and data.endswith(b"ok\n")
