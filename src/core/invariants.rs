@@ -56,7 +56,10 @@ impl Core {
                     r.key, r.pins
                 ));
             }
-            for h in &r.holders {
+            for (i, h) in r.holders.iter().enumerate() {
+                if self.holder_at.get(&h.token) != Some(&(res, i as u32)) {
+                    return Err(format!("{:?}: holder index out of step", r.key));
+                }
                 if !self.timers.is_scheduled(h.timer) {
                     return Err(format!("{:?}: holder without a lease timer", r.key));
                 }
@@ -65,7 +68,7 @@ impl Core {
                 }
                 expected_timers += 1;
                 if let Some(c) = self.conns.get(&h.conn) {
-                    if !c.holdings.contains(&(res, h.token)) {
+                    if !c.holdings.contains(&h.token) {
                         return Err(format!(
                             "{:?}: holder missing from its connection's index",
                             r.key
@@ -128,11 +131,13 @@ impl Core {
             return Err("idle keys but no GC timer".into());
         }
         for (id, c) in &self.conns {
-            for &(res, token) in &c.holdings {
-                let held = self
-                    .resources
-                    .get(res as usize)
-                    .is_some_and(|r| r.holder(token).is_some());
+            for token in &c.holdings {
+                let held = self.holder_at.get(token).is_some_and(|&(res, i)| {
+                    self.resources
+                        .get(res as usize)
+                        .and_then(|r| r.holders.get(i as usize))
+                        .is_some_and(|h| h.token == *token && h.conn == *id)
+                });
                 if !held {
                     return Err(format!(
                         "conn {id}: index names a holding that does not exist"
@@ -166,6 +171,20 @@ impl Core {
                     }
                 }
             }
+        }
+        let held: usize = self.resources.iter().map(|(_, r)| r.holders.len()).sum();
+        let waiting: usize = self.resources.iter().map(|(_, r)| r.waiters.len()).sum();
+        if (held, waiting) != (self.held, self.waiting) {
+            return Err(format!(
+                "counted {} holders and {} waiters, found {held} and {waiting}",
+                self.held, self.waiting
+            ));
+        }
+        if self.holder_at.len() != held {
+            return Err(format!(
+                "{} holder index entries for {held} holders",
+                self.holder_at.len()
+            ));
         }
         if self.timers.len() != expected_timers {
             return Err(format!(

@@ -19,7 +19,7 @@ pub mod tokens;
 
 use std::collections::VecDeque;
 
-use hashbrown::HashMap;
+use hashbrown::{HashMap, HashSet};
 use slab::Slab;
 
 use crate::protocol::reply::encode_signal;
@@ -168,10 +168,6 @@ impl Resource {
         self.holders.is_empty() && self.waiters.is_empty() && self.pins == 0
     }
 
-    fn holder(&self, token: Token) -> Option<usize> {
-        self.holders.iter().position(|h| h.token == token)
-    }
-
     fn waiter(&self, id: u64) -> Option<usize> {
         self.waiters.iter().position(|w| w.id == id)
     }
@@ -193,7 +189,8 @@ struct TwoPhase {
 
 #[derive(Default)]
 struct ConnState {
-    holdings: Vec<(u32, Token)>,
+    /// Tokens this connection holds (see `Core::holder_at` for where).
+    holdings: HashSet<Token>,
     two_phase: Vec<TwoPhase>,
     /// The waiter this connection is blocked on.
     blocked: Option<(u32, u64)>,
@@ -229,6 +226,9 @@ pub struct Core {
     fired: Vec<CoreTimer>,
     signals: Signals,
     receivers: Vec<ConnId>,
+    /// Where each holder is: its resource and its index in `holders`, so a
+    /// token is found in O(1) however many holders a key has.
+    holder_at: HashMap<Token, (u32, u32)>,
     /// Holders and waiters across all keys.
     held: usize,
     waiting: usize,
@@ -259,6 +259,7 @@ impl Core {
             fired: Vec::new(),
             signals: Signals::new(),
             receivers: Vec::new(),
+            holder_at: HashMap::new(),
             held: 0,
             waiting: 0,
         }
@@ -426,9 +427,9 @@ impl Core {
             }
         }
         if self.cfg.auto_release_on_disconnect {
-            for &(res, token) in &state.holdings {
-                if let Some(i) = self.resources[res as usize].holder(token) {
-                    self.remove_holder(res, i);
+            for token in &state.holdings {
+                if let Some(&(res, i)) = self.holder_at.get(token) {
+                    self.remove_holder(res, i as usize);
                     self.counters.releases += 1;
                     self.pump(now, res, out);
                     self.settle(now, res);
@@ -575,7 +576,7 @@ impl Core {
                 // the published clients never send `w` after `acquired`, so
                 // let a new `e` replace it rather than refuse forever.
                 let over = match c.two_phase[i].state {
-                    Enqueued::Granted(t) => self.resources[res as usize].holder(t).is_none(),
+                    Enqueued::Granted(t) => self.holder_pos(res, t).is_none(),
                     Enqueued::Queued(_) => false,
                 };
                 if !over {
@@ -647,7 +648,7 @@ impl Core {
         match state {
             Enqueued::Granted(token) => {
                 self.take_two_phase(conn, res);
-                let Some(h) = self.resources[res as usize].holder(token) else {
+                let Some(h) = self.holder_pos(res, token) else {
                     self.settle(now, res);
                     return replied(out, conn, Reply::ErrorLeaseExpired);
                 };
@@ -695,11 +696,7 @@ impl Core {
     fn on_lease_timer(&mut self, now: u64, res: u32, token: Token, out: &mut Outbox) {
         // The resource slot may have been reused; the token identifies the
         // holder uniquely, so a stale timer finds nothing.
-        let Some(i) = self
-            .resources
-            .get(res as usize)
-            .and_then(|r| r.holder(token))
-        else {
+        let Some(i) = self.holder_pos(res, token) else {
             return;
         };
         let expires_at = self.resources[res as usize].holders[i].expires_at;
@@ -785,7 +782,7 @@ impl Core {
     fn find_holder(&self, key: &str, token: &str) -> Option<(u32, usize)> {
         let &res = self.keys.get(key)?;
         let token = Token::parse(token.as_bytes())?;
-        Some((res, self.resources[res as usize].holder(token)?))
+        Some((res, self.holder_pos(res, token)?))
     }
 
     /// The resource for `key`, created with `limit` if new. A key's limit is
@@ -829,6 +826,8 @@ impl Core {
             .timers
             .insert(expires_at, CoreTimer::Lease { res, token });
         self.held += 1;
+        let pos = self.resources[res as usize].holders.len() as u32;
+        self.holder_at.insert(token, (res, pos));
         self.resources[res as usize].holders.push(Holder {
             token,
             conn,
@@ -837,7 +836,7 @@ impl Core {
             timer_at: expires_at,
         });
         if let Some(c) = self.conns.get_mut(&conn) {
-            c.holdings.push((res, token));
+            c.holdings.insert(token);
         }
         self.counters.grants += 1;
         token
@@ -883,19 +882,26 @@ impl Core {
     /// Removes holder `i` of `res` from the resource and its connection's
     /// index, cancelling its lease timer. Two-phase entries are left alone.
     fn remove_holder(&mut self, res: u32, i: usize) -> Holder {
-        let h = self.resources[res as usize].holders.swap_remove(i);
+        let holders = &mut self.resources[res as usize].holders;
+        let h = holders.swap_remove(i);
+        if let Some(moved) = holders.get(i) {
+            self.holder_at.insert(moved.token, (res, i as u32));
+        }
+        self.holder_at.remove(&h.token);
         self.held -= 1;
         self.timers.cancel(h.timer);
         if let Some(c) = self.conns.get_mut(&h.conn) {
-            if let Some(j) = c
-                .holdings
-                .iter()
-                .position(|&(r, t)| r == res && t == h.token)
-            {
-                c.holdings.swap_remove(j);
-            }
+            c.holdings.remove(&h.token);
         }
         h
+    }
+
+    /// The index in `res`'s holders of the holder with `token`.
+    fn holder_pos(&self, res: u32, token: Token) -> Option<usize> {
+        match self.holder_at.get(&token) {
+            Some(&(r, i)) if r == res => Some(i as usize),
+            _ => None,
+        }
     }
 
     fn expire_holder(&mut self, now: u64, res: u32, i: usize, out: &mut Outbox) {
