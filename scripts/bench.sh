@@ -2,13 +2,29 @@
 # `make bench`: our server, the reference Python server (dflockd 0.5.0 from
 # PyPI) and Redis, side by side on ephemeral loopback ports, driven by the
 # one-thread closed-loop load generator (bench/, `dflockd-bench`) at 1, 10,
-# 100 and 500 connections. Writes bench/results/latest.json (every run plus
-# the target checks), bench/results/latest.txt (the table) and
-# bench/results/chart.svg.
+# 100 and 500 connections. Then, for our server only:
+#  - the signal fan-out (mode signal: P publishers in closed loop, L
+#    listeners on one wildcard pattern; deliveries/s, loss and order checks,
+#    server CPU per delivered signal). The reference Python server 0.5.0 and
+#    Redis have no equivalent in this tool;
+#  - metrics on/off: lock@100 against two fresh servers of this build, one
+#    started with --metrics-addr 127.0.0.1:0, three runs each in the order
+#    off-a, on-a, on-b, off-b, off-c, on-c; the report gives the ratio of
+#    the median CPU per cycle and the run-to-run noise (off vs off, on vs
+#    on) it is judged against. With taskset and 2+ CPUs the servers run on
+#    CPU 0 and the generator on CPU 1: unpinned, CPU per cycle is bimodal
+#    (about 4.9 us when the scheduler puts both on one core, about 7.3 us on
+#    two), which would swamp a difference of a few percent.
+# Writes bench/results/latest.json (every run plus the target checks),
+# bench/results/latest.txt (the table) and bench/results/chart.svg.
 #
 # Environment: BENCH_DURATION (s, default 3), BENCH_WARMUP (s, default 1),
 # BENCH_CONNECTIONS (default "1 10 100 500"), BENCH_SERVERS (default
-# "dflockd python redis"). The whole run takes about 4 minutes on 2 cores.
+# "dflockd python redis"), BENCH_SIGNAL (fan-outs PUBLISHERSxLISTENERS, with
+# :> for the pattern bench.> instead of bench.*.evt; default
+# "10x10 10x100:> 100x10"; empty = none), BENCH_METRICS (1 = run the metrics
+# on/off comparison, default 1), BENCH_RESULTS (output directory, default
+# bench/results). The whole run takes about 4 minutes on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,8 +32,10 @@ DURATION=${BENCH_DURATION:-3}
 WARMUP=${BENCH_WARMUP:-1}
 CONNECTIONS=${BENCH_CONNECTIONS:-"1 10 100 500"}
 SERVERS=${BENCH_SERVERS:-"dflockd python redis"}
+SIGNAL=${BENCH_SIGNAL-"10x10 10x100:> 100x10"}
+METRICS=${BENCH_METRICS:-1}
 PIPE_DEPTH=32
-RESULTS=bench/results
+RESULTS=${BENCH_RESULTS:-bench/results}
 PYREF=.venv/pyref
 mkdir -p "$RESULTS"
 
@@ -27,6 +45,8 @@ log "building release binaries"
 cargo build --release --quiet -p dflockd --bin dflockd
 cargo build --release --quiet -p dflockd-bench
 BENCH=target/release/dflockd-bench
+# The generator's command (a taskset prefix while the metrics runs are pinned).
+BENCH_CMD=("$BENCH")
 
 WORK=$(mktemp -d)
 PIDS=()
@@ -67,6 +87,21 @@ start_ours() {
     OURS_PID=$!
     PIDS+=("$OURS_PID")
     OURS_PORT=$(wait_port "$WORK/dflockd.log" "$OURS_PID")
+}
+
+# start_variant NAME [extra flags...]: another server of this build (on the
+# CPUs of $VARIANT_CPUS when set); sets VAR_PID and VAR_PORT (its log is
+# $WORK/NAME.log).
+start_variant() {
+    local name=$1
+    shift
+    local pin=()
+    [ -n "${VARIANT_CPUS:-}" ] && pin=(taskset -c "$VARIANT_CPUS")
+    "${pin[@]}" target/release/dflockd --host 127.0.0.1 --port 0 --max-locks 0 "$@" \
+        2>"$WORK/$name.log" &
+    VAR_PID=$!
+    PIDS+=("$VAR_PID")
+    VAR_PORT=$(wait_port "$WORK/$name.log" "$VAR_PID")
 }
 
 setup_python() {
@@ -121,12 +156,14 @@ run() {
     local label=$1 port=$2 pid=$3 mode=$4 conns=$5
     shift 5
     local out
-    if out=$("$BENCH" --addr "127.0.0.1:$port" --mode "$mode" --connections "$conns" \
+    if out=$("${BENCH_CMD[@]}" --addr "127.0.0.1:$port" --mode "$mode" --connections "$conns" \
         --duration "$DURATION" --warmup "$WARMUP" --server-pid "$pid" \
         --label "$label" --json --quiet "$@" 2>"$WORK/run.err"); then
         echo "$out" >>"$RUNS"
-        # The table row (second line of the generator's stderr).
+        # The table row (second line of the generator's stderr), and for
+        # signal the fan-out row (sixth).
         sed -n 2p "$WORK/run.err" >&2
+        if [ "$mode" = signal ]; then sed -n 6p "$WORK/run.err" >&2; fi
     else
         echo "   $label $mode c=$conns failed: $(tail -1 "$WORK/run.err")" >&2
     fi
@@ -190,6 +227,55 @@ for s in "${AVAILABLE[@]}"; do
         log "python: mode sem skipped (dflockd 0.5.0 has no semaphores)"
     fi
 done
+
+if [[ " ${AVAILABLE[*]} " == *" dflockd "* ]]; then
+    if [ -n "$SIGNAL" ]; then
+        log "signal fan-out (ours only: the reference Python 0.5.0 and Redis have no equivalent in this tool)"
+        for spec in $SIGNAL; do
+            pattern=bench.*.evt
+            if [[ $spec == *:* ]]; then
+                [ "${spec#*:}" = ">" ] && pattern='bench.>'
+                spec=${spec%%:*}
+            fi
+            run dflockd "$OURS_PORT" "$OURS_PID" signal "${spec%x*}" \
+                --listeners "${spec#*x}" --pattern "$pattern"
+        done
+    fi
+    if [ "$METRICS" = 1 ]; then
+        VARIANT_CPUS=
+        if command -v taskset >/dev/null && [ "$(nproc)" -ge 2 ]; then
+            VARIANT_CPUS=0
+            BENCH_CMD=(taskset -c 1 "$BENCH")
+            pinned="servers on CPU 0, generator on CPU 1"
+        else
+            pinned="unpinned (no taskset or one CPU): expect bimodal CPU per cycle"
+        fi
+        log "metrics on/off: lock@100 against two fresh servers, without and with --metrics-addr; $pinned"
+        start_variant metrics-off
+        OFF_PID=$VAR_PID OFF_PORT=$VAR_PORT
+        start_variant metrics-on --metrics-addr 127.0.0.1:0
+        ON_PID=$VAR_PID ON_PORT=$VAR_PORT
+        METRICS_PORT=$(grep -m1 'metrics listening on' "$WORK/metrics-on.log" | grep -oE '[0-9]+$' || true)
+        for v in off-a on-a on-b off-b off-c on-c; do
+            if [ "${v%-*}" = on ]; then port=$ON_PORT pid=$ON_PID; else port=$OFF_PORT pid=$OFF_PID; fi
+            run dflockd "$port" "$pid" lock 100 --variant "metrics-$v"
+        done
+        # Show that the endpoint was really on and the loop-turn histogram ran.
+        if [ -n "$METRICS_PORT" ]; then
+            python3 - "$METRICS_PORT" >&2 <<'PY' || log "could not scrape /metrics"
+import sys, urllib.request
+body = urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/metrics", timeout=5).read().decode()
+lines = [l for l in body.splitlines() if l and not l.startswith("#")]
+turns = [l for l in lines if "loop" in l and l.split()[0].endswith("_count")]
+print(f"   /metrics of the metrics-on server: {len(lines)} samples; {turns[0] if turns else 'no loop-turn count'}")
+PY
+        else
+            log "the metrics-on server logged no metrics address"
+        fi
+        kill "$OFF_PID" "$ON_PID" 2>/dev/null || true
+        BENCH_CMD=("$BENCH")
+    fi
+fi
 log "load runs took $(($(date +%s) - START)) s"
 
 MODEL=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')

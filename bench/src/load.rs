@@ -7,6 +7,16 @@
 //! Care is taken to keep the generator cheap per request: buffers are reused
 //! (no allocation per request), each connection is written once per loop
 //! turn, and a short read ends the read loop without a `WouldBlock` call.
+//!
+//! `signal` is a fan-out: `--connections` publishers, each a closed loop of
+//! `signal <root>.<i>.evt <seq>:<ns>` → `ok <n>` on its own channel, and
+//! `--listeners` connections subscribed (before any publish) with one
+//! wildcard pattern that matches every channel. The listeners count the
+//! pushed `sig` lines, check per (listener, publisher) that sequence numbers
+//! arrive in order without gaps, and time each delivery from its publish
+//! (`<ns>` is the publish time since the run began). At the end publishing
+//! stops and the run drains, so that the deliveries received can be checked
+//! exactly against the sum of the `<n>` the server replied.
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
@@ -64,7 +74,7 @@ impl Mode {
     fn requests_per_cycle(self) -> u64 {
         match self {
             Mode::TwoPhase => 3,
-            Mode::Renew => 1,
+            Mode::Renew | Mode::Signal => 1,
             _ => 2,
         }
     }
@@ -94,6 +104,15 @@ pub struct Opts {
     /// Acquire timeout sent with `l`, `sl` and `w`, in seconds.
     pub acquire_timeout_s: u64,
     pub progress: bool,
+    /// Tells apart runs of one server/mode/connections in the report (e.g.
+    /// `metrics-on-a`); `None` for the main runs.
+    pub variant: Option<String>,
+    /// `signal`: listener connections (publishers are `connections`).
+    pub listeners: usize,
+    /// `signal`: the listeners' pattern; `None` = `<root>.*.evt`.
+    pub pattern: Option<String>,
+    /// `signal`: payload length; `<seq>:<ns>` padded with `x` to this.
+    pub payload_bytes: usize,
 }
 
 /// Where a slot is in its cycle; the meaning of each step depends on the mode.
@@ -143,7 +162,48 @@ struct Gen {
     grants_checked: u64,
     dead_conns: u64,
     first_error: Option<String>,
+    /// Cycles and deliveries are counted only while this is set.
+    recording: bool,
+    sg: SignalState,
 }
+
+/// The `signal` bookkeeping (empty in the other modes).
+struct SignalState {
+    /// Publisher connections are `0..publishers`, listeners the rest.
+    publishers: usize,
+    listeners: usize,
+    /// `<root>.`: channels are `<root>.<i>.evt`.
+    root_dot: Vec<u8>,
+    payload_bytes: usize,
+    t0: Instant,
+    /// `listen` requests not yet answered `ok`.
+    listen_pending: usize,
+    /// Set after the measured window: publishers send nothing more.
+    stopping: bool,
+    /// Last sequence number sent per publisher (the first is 1).
+    sent_seq: Vec<u64>,
+    /// Last sequence number received, per (listener, publisher).
+    last_seq: Vec<u64>,
+    /// Over the whole run (warm-up and drain included).
+    total_published: u64,
+    total_expected: u64,
+    total_received: u64,
+    /// In the measured window.
+    win_expected: u64,
+    win_received: u64,
+    /// Sequence numbers skipped (lost between two later deliveries).
+    gaps: u64,
+    /// A sequence number at or below one already received.
+    out_of_order: u64,
+    /// `ok <n>` with `n` other than the number of listeners.
+    short_fanouts: u64,
+    malformed: u64,
+    /// Publish → delivery, in the measured window.
+    dhist: Histogram<u64>,
+}
+
+/// Marks a `listen` request in a connection's `awaiting` queue.
+const LISTEN: u32 = u32::MAX;
 
 const RBUF: usize = 64 * 1024;
 
@@ -196,7 +256,24 @@ impl Gen {
                 resp(w, &[b"SET", key, b"bench-token", b"NX", b"PX", b"30000"]);
             }
             (Mode::RedisLock, _) => resp(w, &[b"DEL", key]),
-            (Mode::Signal, _) => unreachable!("signal mode is refused before the run"),
+            (Mode::Signal, _) => {
+                slot.cycle_start = now;
+                let sg = &mut self.sg;
+                sg.sent_seq[slot.key as usize] += 1;
+                sg.total_published += 1;
+                w.extend_from_slice(b"signal\n");
+                w.extend_from_slice(key);
+                w.push(b'\n');
+                let start = w.len();
+                push_num(w, sg.sent_seq[slot.key as usize]);
+                w.push(b':');
+                push_num(w, now.duration_since(sg.t0).as_nanos() as u64);
+                let len = w.len() - start;
+                if len < sg.payload_bytes {
+                    w.resize(w.len() + sg.payload_bytes - len, b'x');
+                }
+                w.push(b'\n');
+            }
         }
         conn.awaiting.push_back(s);
         if !conn.dirty {
@@ -206,6 +283,9 @@ impl Gen {
     }
 
     fn complete_cycle(&mut self, s: u32, now: Instant) {
+        if !self.recording {
+            return;
+        }
         let slot = &mut self.slots[s as usize];
         let ns = now.duration_since(slot.cycle_start).as_nanos() as u64;
         self.hist.saturating_record(ns.max(1));
@@ -289,6 +369,25 @@ impl Gen {
                 }
                 next = 0;
             }
+            (Mode::Signal, _) => {
+                match line.strip_prefix(b"ok ").and_then(parse_u64) {
+                    Some(n) => {
+                        let sg = &mut self.sg;
+                        sg.total_expected += n;
+                        if self.recording {
+                            sg.win_expected += n;
+                        }
+                        if n != sg.listeners as u64 {
+                            sg.short_fanouts += 1;
+                        }
+                        self.complete_cycle(s, now);
+                    }
+                    None => self.record_error("signal", line),
+                }
+                if self.sg.stopping {
+                    return;
+                }
+            }
             // The release step of every lock-like mode.
             (_, _) => {
                 if line == b"ok" {
@@ -305,6 +404,61 @@ impl Gen {
     fn send_step(&mut self, s: u32, step: u8, now: Instant) {
         self.slots[s as usize].step = step;
         self.send(s, now);
+    }
+
+    /// A reply to a listener's `listen`.
+    fn on_listen_reply(&mut self, line: &[u8]) {
+        if line == b"ok" {
+            self.sg.listen_pending = self.sg.listen_pending.saturating_sub(1);
+        } else {
+            self.record_error("listen", line);
+        }
+    }
+
+    /// A pushed `sig <channel> <seq>:<ns>x...` line on connection `c`.
+    fn on_sig(&mut self, c: u32, line: &[u8], now: Instant) {
+        let sg = &mut self.sg;
+        sg.total_received += 1;
+        if self.recording {
+            sg.win_received += 1;
+        }
+        let c = c as usize;
+        if c < sg.publishers {
+            self.record_error("signal pushed to a publisher", line);
+            return;
+        }
+        let parsed = (|| {
+            let rest = line.strip_prefix(b"sig ")?;
+            let sp = rest.iter().position(|&b| b == b' ')?;
+            let (channel, payload) = (&rest[..sp], &rest[sp + 1..]);
+            let idx = channel.strip_prefix(&sg.root_dot[..])?;
+            let idx = parse_u64(idx.strip_suffix(b".evt")?)? as usize;
+            let colon = payload.iter().position(|&b| b == b':')?;
+            let seq = parse_u64(&payload[..colon])?;
+            let digits = payload[colon + 1..]
+                .iter()
+                .take_while(|b| b.is_ascii_digit())
+                .count();
+            let ns = parse_u64(&payload[colon + 1..colon + 1 + digits])?;
+            (idx < sg.publishers).then_some((idx, seq, ns))
+        })();
+        let Some((p, seq, ns)) = parsed else {
+            sg.malformed += 1;
+            self.record_error("malformed sig", line);
+            return;
+        };
+        let last = &mut sg.last_seq[(c - sg.publishers) * sg.publishers + p];
+        if seq > *last {
+            sg.gaps += seq - *last - 1;
+            *last = seq;
+        } else {
+            sg.out_of_order += 1;
+        }
+        if self.recording {
+            let sent = sg.t0 + Duration::from_nanos(ns);
+            let ns = now.saturating_duration_since(sent).as_nanos() as u64;
+            sg.dhist.saturating_record(ns.max(1));
+        }
     }
 
     /// If `line` is `<status> <token> ...`, keeps the token.
@@ -354,7 +508,12 @@ impl Gen {
                             line = l;
                         }
                         start += pos + 1;
+                        if self.mode == Mode::Signal && line.starts_with(b"sig ") {
+                            self.on_sig(c, line, now);
+                            continue;
+                        }
                         match self.conns[ci].awaiting.pop_front() {
+                            Some(LISTEN) => self.on_listen_reply(line),
                             Some(s) => self.on_reply(s, line, now),
                             None => self.record_error("unsolicited reply", line),
                         }
@@ -433,6 +592,13 @@ impl Gen {
     }
 }
 
+fn parse_u64(s: &[u8]) -> Option<u64> {
+    if s.is_empty() || s.len() > 19 || !s.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    Some(s.iter().fold(0, |n, &d| n * 10 + u64::from(d - b'0')))
+}
+
 /// `<cmd>\n<key>\n<arg parts>\n`.
 fn line3(w: &mut Vec<u8>, cmd: &[u8], key: &[u8], arg: &[&[u8]]) {
     w.extend_from_slice(cmd);
@@ -507,18 +673,54 @@ fn mark(pid: Option<&str>) -> Mark {
     }
 }
 
+/// One loop turn: waits up to `timeout` for events, handles them and writes
+/// what they produced.
+fn turn(
+    g: &mut Gen,
+    poll: &mut Poll,
+    events: &mut Events,
+    timeout: Duration,
+) -> Result<(), String> {
+    match poll.poll(events, Some(timeout)) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(()),
+        Err(e) => return Err(format!("poll: {e}")),
+    }
+    for ev in events.iter() {
+        let c = ev.token().0 as u32;
+        if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
+            let now = Instant::now();
+            g.on_readable(c, now);
+        }
+        if ev.is_writable() {
+            g.mark_dirty(c);
+        }
+    }
+    g.flush_dirty();
+    Ok(())
+}
+
+/// The root of the `signal` channels: the key prefix without trailing
+/// separators (`bench-` → `bench`), so channels read `bench.<i>.evt`.
+fn signal_root(prefix: &str) -> String {
+    let root = prefix.trim_end_matches(['-', '.', '_']);
+    if root.is_empty() {
+        "bench".into()
+    } else {
+        root.into()
+    }
+}
+
 /// Runs one benchmark and returns its result as a JSON object.
 pub fn run(opts: &Opts) -> Result<Value, String> {
-    if opts.mode == Mode::Signal {
-        return Err(
-            "mode `signal` is not supported by this server build (no pub/sub commands yet)"
-                .to_string(),
-        );
-    }
     if opts.connections == 0 {
         return Err("--connections must be at least 1".into());
     }
     let mode = opts.mode;
+    let signal = mode == Mode::Signal;
+    if signal && opts.listeners == 0 {
+        return Err("--listeners must be at least 1 in mode signal".into());
+    }
     let depth = if mode.pipelines() {
         opts.depth.max(1)
     } else {
@@ -526,6 +728,11 @@ pub fn run(opts: &Opts) -> Result<Value, String> {
     };
     let nslots = opts.connections * depth;
     let prefix = &opts.key_prefix;
+    let root = signal_root(prefix);
+    let pattern = opts
+        .pattern
+        .clone()
+        .unwrap_or_else(|| format!("{root}.*.evt"));
     let keys: Vec<Vec<u8>> = match mode {
         Mode::Contended => (0..opts.keys.max(1))
             .map(|i| format!("{prefix}c{i}").into_bytes())
@@ -536,14 +743,19 @@ pub fn run(opts: &Opts) -> Result<Value, String> {
         Mode::RedisLock => (0..nslots)
             .map(|i| format!("{prefix}r{i}").into_bytes())
             .collect(),
+        Mode::Signal => (0..nslots)
+            .map(|i| format!("{root}.{i}.evt").into_bytes())
+            .collect(),
         _ => (0..nslots)
             .map(|i| format!("{prefix}k{i}").into_bytes())
             .collect(),
     };
+    let listeners = if signal { opts.listeners } else { 0 };
+    let nconns = opts.connections + listeners;
 
     let mut poll = Poll::new().map_err(|e| format!("poll: {e}"))?;
-    let mut conns = Vec::with_capacity(opts.connections);
-    for i in 0..opts.connections {
+    let mut conns = Vec::with_capacity(nconns);
+    for i in 0..nconns {
         let mut stream =
             connect(opts.addr).map_err(|e| format!("connect {} (#{i}): {e}", opts.addr))?;
         poll.registry()
@@ -577,6 +789,9 @@ pub fn run(opts: &Opts) -> Result<Value, String> {
             seq: 0,
         })
         .collect();
+    let new_hist = || {
+        Histogram::new_with_bounds(1, 3_600_000_000_000, 3).map_err(|e| format!("histogram: {e}"))
+    };
     let mut g = Gen {
         mode,
         timeout: opts.acquire_timeout_s.to_string().into_bytes(),
@@ -584,16 +799,78 @@ pub fn run(opts: &Opts) -> Result<Value, String> {
         slots,
         conns,
         order: (0..nkeys).map(|_| KeyOrder::default()).collect(),
-        dirty: Vec::with_capacity(opts.connections),
-        hist: Histogram::new_with_bounds(1, 3_600_000_000_000, 3)
-            .map_err(|e| format!("histogram: {e}"))?,
+        dirty: Vec::with_capacity(nconns),
+        hist: new_hist()?,
         cycles: 0,
         errors: 0,
         fifo_violations: 0,
         grants_checked: 0,
         dead_conns: 0,
         first_error: None,
+        recording: true,
+        sg: SignalState {
+            publishers: if signal { opts.connections } else { 0 },
+            listeners,
+            root_dot: format!("{root}.").into_bytes(),
+            payload_bytes: opts.payload_bytes,
+            t0: now,
+            listen_pending: listeners,
+            stopping: false,
+            sent_seq: vec![0; if signal { nkeys } else { 0 }],
+            last_seq: vec![
+                0;
+                if signal {
+                    listeners * opts.connections
+                } else {
+                    0
+                }
+            ],
+            total_published: 0,
+            total_expected: 0,
+            total_received: 0,
+            win_expected: 0,
+            win_received: 0,
+            gaps: 0,
+            out_of_order: 0,
+            short_fanouts: 0,
+            malformed: 0,
+            dhist: new_hist()?,
+        },
     };
+    let mut events = Events::with_capacity(1024);
+
+    if signal {
+        // Subscribe every listener before the first publish, so that every
+        // `ok <n>` should say `n` = listeners.
+        for l in 0..listeners {
+            let c = opts.connections + l;
+            let conn = &mut g.conns[c];
+            line3(&mut conn.wbuf, b"listen", pattern.as_bytes(), &[]);
+            conn.awaiting.push_back(LISTEN);
+            conn.dirty = true;
+            g.dirty.push(c as u32);
+        }
+        g.flush_dirty();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while g.sg.listen_pending > 0 && g.errors == 0 {
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(format!(
+                    "{} of {listeners} listeners not subscribed after 10 s",
+                    g.sg.listen_pending
+                ));
+            }
+            turn(&mut g, &mut poll, &mut events, deadline - now)?;
+        }
+        if g.errors > 0 {
+            return Err(format!(
+                "listen {pattern:?} failed: {}",
+                g.first_error.unwrap_or_default()
+            ));
+        }
+    }
+
+    let now = Instant::now();
     for s in 0..nslots as u32 {
         g.send(s, now);
     }
@@ -608,7 +885,7 @@ pub fn run(opts: &Opts) -> Result<Value, String> {
     let mut m = mark(pid);
     let mut next_progress = start + Duration::from_secs(1);
     let mut last_cycles = 0u64;
-    let mut events = Events::with_capacity(1024);
+    let mut last_received = 0u64;
     let mut warmup_errors = 0;
 
     loop {
@@ -621,7 +898,11 @@ pub fn run(opts: &Opts) -> Result<Value, String> {
             g.errors = 0;
             g.fifo_violations = 0;
             g.grants_checked = 0;
+            g.sg.dhist.reset();
+            g.sg.win_expected = 0;
+            g.sg.win_received = 0;
             last_cycles = 0;
+            last_received = g.sg.total_received;
             m = mark(pid);
         }
         if measuring && now >= end_at {
@@ -630,8 +911,13 @@ pub fn run(opts: &Opts) -> Result<Value, String> {
         if now >= next_progress {
             if opts.progress {
                 let phase = if measuring { "measure" } else { "warm-up" };
+                let deliveries = if signal {
+                    format!(", {} deliveries/s", g.sg.total_received - last_received)
+                } else {
+                    String::new()
+                };
                 eprintln!(
-                    "  [{} {} c={} {phase} t={:.0}s] {} cycles/s, {} errors",
+                    "  [{} {} c={} {phase} t={:.0}s] {} cycles/s{deliveries}, {} errors",
                     opts.label,
                     mode.name(),
                     opts.connections,
@@ -641,9 +927,10 @@ pub fn run(opts: &Opts) -> Result<Value, String> {
                 );
             }
             last_cycles = g.cycles;
+            last_received = g.sg.total_received;
             next_progress += Duration::from_secs(1);
         }
-        if g.dead_conns as usize == opts.connections {
+        if g.dead_conns as usize == nconns {
             return Err(format!(
                 "every connection failed; first error: {}",
                 g.first_error.unwrap_or_default()
@@ -651,25 +938,37 @@ pub fn run(opts: &Opts) -> Result<Value, String> {
         }
         let wake = next_progress.min(if measuring { end_at } else { measure_at });
         let timeout = wake.saturating_duration_since(now) + Duration::from_micros(100);
-        match poll.poll(&mut events, Some(timeout)) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(format!("poll: {e}")),
-        }
-        for ev in events.iter() {
-            let c = ev.token().0 as u32;
-            if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
-                let now = Instant::now();
-                g.on_readable(c, now);
-            }
-            if ev.is_writable() {
-                g.mark_dirty(c);
-            }
-        }
-        g.flush_dirty();
+        turn(&mut g, &mut poll, &mut events, timeout)?;
     }
     let end = mark(pid);
     let rss_kib = pid.and_then(procstat::rss_kib);
+    // Signal: stop publishing and wait for the replies and deliveries still
+    // in flight, so that the totals can be compared exactly.
+    g.recording = false;
+    let mut drain_s = 0.0;
+    let mut unanswered = 0u64;
+    if signal {
+        g.sg.stopping = true;
+        let deadline = end.at + Duration::from_secs(5);
+        loop {
+            unanswered = g.conns[..opts.connections]
+                .iter()
+                .filter(|c| c.alive)
+                .map(|c| c.awaiting.len() as u64)
+                .sum();
+            let now = Instant::now();
+            if (unanswered == 0 && g.sg.total_received >= g.sg.total_expected) || now >= deadline {
+                break;
+            }
+            turn(
+                &mut g,
+                &mut poll,
+                &mut events,
+                (deadline - now).min(Duration::from_millis(50)),
+            )?;
+        }
+        drain_s = end.at.elapsed().as_secs_f64();
+    }
     let elapsed = end.at.duration_since(m.at).as_secs_f64();
     let cycles = g.cycles;
     let requests = cycles * mode.requests_per_cycle();
@@ -686,10 +985,25 @@ pub fn run(opts: &Opts) -> Result<Value, String> {
         _ => Value::Null,
     };
     let util = |cpu: Option<f64>| cpu.map_or(Value::Null, |c| json!(c / elapsed));
-    let us = |q: f64| g.hist.value_at_quantile(q) as f64 / 1000.0;
-    let hist = &g.hist;
-    Ok(json!({
+    let quantiles = |h: &Histogram<u64>| {
+        let us = |q: f64| {
+            if h.is_empty() {
+                0.0
+            } else {
+                h.value_at_quantile(q) as f64 / 1000.0
+            }
+        };
+        json!({
+            "p50": us(0.5),
+            "p99": us(0.99),
+            "p999": us(0.999),
+            "max": h.max() as f64 / 1000.0,
+            "mean": h.mean() / 1000.0,
+        })
+    };
+    let mut out = json!({
         "server": opts.label,
+        "variant": opts.variant,
         "mode": mode.name(),
         "connections": opts.connections,
         "depth": depth,
@@ -700,13 +1014,7 @@ pub fn run(opts: &Opts) -> Result<Value, String> {
         "requests": requests,
         "cycles_per_s": cycles as f64 / elapsed,
         "requests_per_s": requests as f64 / elapsed,
-        "latency_us": {
-            "p50": if cycles > 0 { us(0.5) } else { 0.0 },
-            "p99": if cycles > 0 { us(0.99) } else { 0.0 },
-            "p999": if cycles > 0 { us(0.999) } else { 0.0 },
-            "max": hist.max() as f64 / 1000.0,
-            "mean": hist.mean() / 1000.0,
-        },
+        "latency_us": quantiles(&g.hist),
         "errors": g.errors,
         "warmup_errors": warmup_errors,
         "first_error": g.first_error,
@@ -720,5 +1028,59 @@ pub fn run(opts: &Opts) -> Result<Value, String> {
         "server_rss_kib": rss_kib,
         "client_cpu_us_per_cycle": per(client_cpu, cycles),
         "client_cpu_util": util(client_cpu),
-    }))
+    });
+    if signal {
+        let sg = &g.sg;
+        let lost = sg.total_expected.saturating_sub(sg.total_received);
+        let extra = sg.total_received.saturating_sub(sg.total_expected);
+        out["signal"] = json!({
+            "publishers": opts.connections,
+            "listeners": listeners,
+            "pattern": pattern,
+            "payload_bytes": opts.payload_bytes,
+            "publishes": cycles,
+            "deliveries": sg.win_received,
+            "deliveries_per_s": sg.win_received as f64 / elapsed,
+            // Sum of `n` replied in the window; differs from `deliveries`
+            // only by what was in flight at the window's two edges.
+            "expected_deliveries": sg.win_expected,
+            "delivery_latency_us": quantiles(&sg.dhist),
+            "server_cpu_us_per_delivery": per(server_cpu, sg.win_received),
+            "client_cpu_us_per_delivery": per(client_cpu, sg.win_received),
+            "total_published": sg.total_published,
+            "total_expected": sg.total_expected,
+            "total_received": sg.total_received,
+            "lost": lost,
+            "extra": extra,
+            "gaps": sg.gaps,
+            "out_of_order": sg.out_of_order,
+            "short_fanouts": sg.short_fanouts,
+            "malformed": sg.malformed,
+            "unanswered_publishes": unanswered,
+            "drain_s": drain_s,
+        });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_numbers() {
+        assert_eq!(parse_u64(b"0"), Some(0));
+        assert_eq!(parse_u64(b"1234567"), Some(1_234_567));
+        assert_eq!(parse_u64(b""), None);
+        assert_eq!(parse_u64(b"12x"), None);
+        assert_eq!(parse_u64(b"-1"), None);
+        assert_eq!(parse_u64(b"99999999999999999999"), None);
+    }
+
+    #[test]
+    fn signal_channels_root() {
+        assert_eq!(signal_root("bench-"), "bench");
+        assert_eq!(signal_root("run7."), "run7");
+        assert_eq!(signal_root("-"), "bench");
+    }
 }

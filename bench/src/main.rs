@@ -3,6 +3,7 @@
 //! ```text
 //! dflockd-bench [run] --addr 127.0.0.1:6388 --mode lock --connections 100 \
 //!     --duration 3 --warmup 1 [--keys K] [--depth D] [--server-pid PID] [--json]
+//! dflockd-bench --mode signal --connections 10 --listeners 10 [--pattern 'bench.>']
 //! dflockd-bench report --input runs.jsonl --output latest.json --svg chart.svg
 //! ```
 
@@ -35,6 +36,16 @@ run options:
   --label NAME          name of the server in the output (default: the mode's protocol)
   --key-prefix P        prefix of every key (default bench-)
   --acquire-timeout S   timeout sent with l/sl/w (default 60)
+  --variant NAME        tells apart runs of one server/mode/connections in the
+                        report (e.g. metrics-off-a, metrics-on-a)
+  --listeners L         `signal`: listener connections (default 10); the
+                        --connections are the publishers, each on its own
+                        channel <root>.<i>.evt (<root>: the key prefix without
+                        its trailing `-`, so `bench` by default)
+  --pattern P           `signal`: the listeners' pattern (default <root>.*.evt;
+                        it must match every publisher's channel)
+  --payload-bytes N     `signal`: payload length (default 16; `<seq>:<ns>`
+                        padded with `x`, never shorter than that)
   --json                print one JSON object (the table goes to stderr)
   --quiet               no progress line
 ";
@@ -102,6 +113,10 @@ fn run_main(args: Vec<std::ffi::OsString>) -> Result<(), String> {
     let mut key_prefix = "bench-".to_string();
     let mut acquire_timeout_s = 60u64;
     let mut progress = true;
+    let mut variant = None;
+    let mut listeners = 10usize;
+    let mut pattern = None;
+    let mut payload_bytes = 16usize;
     while let Some(arg) = parser.next().map_err(|e| e.to_string())? {
         match arg {
             Long("addr") => addr = val(&mut parser)?,
@@ -122,6 +137,15 @@ fn run_main(args: Vec<std::ffi::OsString>) -> Result<(), String> {
             Long("key-prefix") => key_prefix = val(&mut parser)?,
             Long("acquire-timeout") => {
                 acquire_timeout_s = num(&val(&mut parser)?, "--acquire-timeout")?
+            }
+            Long("variant") => variant = Some(val(&mut parser)?),
+            Long("listeners") => listeners = num(&val(&mut parser)?, "--listeners")?,
+            Long("pattern") => pattern = Some(val(&mut parser)?),
+            Long("payload-bytes") => {
+                payload_bytes = num(&val(&mut parser)?, "--payload-bytes")?;
+                if payload_bytes > 60_000 {
+                    return Err("--payload-bytes: at most 60000".into());
+                }
             }
             Long("json") => json = true,
             Long("quiet") | Short('q') => progress = false,
@@ -159,6 +183,10 @@ fn run_main(args: Vec<std::ffi::OsString>) -> Result<(), String> {
         key_prefix,
         acquire_timeout_s,
         progress,
+        variant,
+        listeners,
+        pattern,
+        payload_bytes,
     };
     let result = load::run(&opts)?;
     let table = report::table(std::slice::from_ref(&result));

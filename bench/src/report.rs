@@ -29,12 +29,57 @@ fn opt(x: Option<f64>, prec: usize) -> String {
     x.map_or_else(|| "-".to_string(), |x| format!("{x:.prec$}"))
 }
 
+/// The run's variant (`--variant`), if any.
+fn variant(v: &Value) -> Option<&str> {
+    v.get("variant").and_then(Value::as_str)
+}
+
+/// `server` or `server/variant`.
+fn who(v: &Value) -> String {
+    match variant(v) {
+        Some(x) => format!("{}/{x}", s(v, "server")),
+        None => s(v, "server").to_string(),
+    }
+}
+
+/// A field of the `signal` object of a `signal` run.
+fn sig(v: &Value, k: &str) -> Option<f64> {
+    v.get("signal")
+        .and_then(|x| x.get(k))
+        .and_then(Value::as_f64)
+}
+
+fn sig_lat(v: &Value, k: &str) -> Option<f64> {
+    v.get("signal")
+        .and_then(|x| x.get("delivery_latency_us"))
+        .and_then(|l| l.get(k))
+        .and_then(Value::as_f64)
+}
+
+/// Deliveries that went wrong in a `signal` run: lost (replied in `ok <n>`
+/// but never received), extra, out of order, malformed.
+fn sig_bad(v: &Value) -> u64 {
+    [
+        "lost",
+        "extra",
+        "out_of_order",
+        "malformed",
+        "unanswered_publishes",
+    ]
+    .iter()
+    .map(|k| sig(v, k).unwrap_or(0.0) as u64)
+    .sum()
+}
+
+pub const SIGNAL_NOTE: &str = "mode signal runs against dflockd only: the reference \
+Python server 0.5.0 and Redis have no equivalent in this tool";
+
 /// A fixed-width table of runs, one line each.
 pub fn table(rows: &[Value]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<8} {:<10} {:>5} {:>5} {:>11} {:>11} {:>9} {:>9} {:>9} {:>9} {:>7} {:>9} {:>9} {:>7} {:>8}",
+        "{:<24} {:<10} {:>5} {:>5} {:>11} {:>11} {:>9} {:>9} {:>9} {:>9} {:>7} {:>9} {:>9} {:>7} {:>8}",
         "server",
         "mode",
         "conns",
@@ -58,8 +103,8 @@ pub fn table(rows: &[Value]) -> String {
         }
         let _ = writeln!(
             out,
-            "{:<8} {:<10} {:>5} {:>5} {:>11.0} {:>11.0} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>7} {:>9} {:>9} {:>7} {:>8}",
-            s(r, "server"),
+            "{:<24} {:<10} {:>5} {:>5} {:>11.0} {:>11.0} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>7} {:>9} {:>9} {:>7} {:>8}",
+            who(r),
             s(r, "mode"),
             u(r, "connections"),
             u(r, "depth"),
@@ -78,6 +123,58 @@ pub fn table(rows: &[Value]) -> String {
                 .map_or("-".into(), |x| x.to_string()),
         );
     }
+    let sig_rows: Vec<&Value> = rows.iter().filter(|r| s(r, "mode") == "signal").collect();
+    if !sig_rows.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nsignal fan-out (publishes = cycles above; latency of publish → `ok <n>` above, of publish → `sig` received here):"
+        );
+        let _ = writeln!(
+            out,
+            "{:<24} {:>4} {:>5} {:<14} {:>10} {:>12} {:>9} {:>9} {:>9} {:>10} {:>10} {:>12} {:>6} {:>6}",
+            "server",
+            "pubs",
+            "lstnr",
+            "pattern",
+            "publish/s",
+            "delivered/s",
+            "dlv p50",
+            "dlv p99",
+            "dlv p999",
+            "srv us/dlv",
+            "cli us/dlv",
+            "checked",
+            "lost",
+            "order",
+        );
+        for r in sig_rows {
+            let _ = writeln!(
+                out,
+                "{:<24} {:>4} {:>5} {:<14} {:>10.0} {:>12.0} {:>9.1} {:>9.1} {:>9.1} {:>10} {:>10} {:>12} {:>6} {:>6}",
+                who(r),
+                u(r, "connections"),
+                sig(r, "listeners").unwrap_or(0.0),
+                r.get("signal")
+                    .and_then(|x| x.get("pattern"))
+                    .and_then(Value::as_str)
+                    .unwrap_or(""),
+                f(r, "cycles_per_s").unwrap_or(0.0),
+                sig(r, "deliveries_per_s").unwrap_or(0.0),
+                sig_lat(r, "p50").unwrap_or(0.0),
+                sig_lat(r, "p99").unwrap_or(0.0),
+                sig_lat(r, "p999").unwrap_or(0.0),
+                opt(sig(r, "server_cpu_us_per_delivery"), 3),
+                opt(sig(r, "client_cpu_us_per_delivery"), 3),
+                sig(r, "total_received").unwrap_or(0.0),
+                sig(r, "lost").unwrap_or(0.0) + sig(r, "extra").unwrap_or(0.0),
+                sig(r, "out_of_order").unwrap_or(0.0),
+            );
+        }
+        let _ = writeln!(
+            out,
+            "(checked: deliveries over the whole run, drained at the end and compared with the sum of the n in `ok <n>`; lost: missing or extra; order: out-of-order per listener and publisher)\n{SIGNAL_NOTE}"
+        );
+    }
     out
 }
 
@@ -90,7 +187,8 @@ fn find<'a>(
     depth: Option<u64>,
 ) -> Option<&'a Value> {
     rows.iter().find(|r| {
-        s(r, "server") == server
+        variant(r).is_none()
+            && s(r, "server") == server
             && s(r, "mode") == mode
             && u(r, "connections") == conns
             && depth.is_none_or(|d| u(r, "depth") == d)
@@ -198,6 +296,7 @@ fn checks(rows: &[Value]) -> Vec<Check> {
         let mut worst: Option<(f64, String)> = None;
         for r in rows.iter().filter(|r| {
             s(r, "server") == "dflockd"
+                && variant(r).is_none()
                 && modes.contains(&s(r, "mode"))
                 && matches!(u(r, "connections"), 100 | 500)
         }) {
@@ -246,7 +345,181 @@ fn checks(rows: &[Value]) -> Vec<Check> {
         &|x| x <= 1.5,
         format!("contended {} us", opt(cpu(cont), 2)),
     );
+    let sig_rows: Vec<&Value> = rows
+        .iter()
+        .filter(|r| s(r, "server") == "dflockd" && s(r, "mode") == "signal")
+        .collect();
+    if !sig_rows.is_empty() {
+        let checked: f64 = sig_rows
+            .iter()
+            .map(|r| sig(r, "total_received").unwrap_or(0.0))
+            .sum();
+        push(
+            "signal: deliveries lost, extra or out of order",
+            Some(sig_rows.iter().map(|r| sig_bad(r)).sum::<u64>() as f64),
+            "== 0",
+            &|x| x == 0.0,
+            format!("{checked:.0} deliveries checked in {} runs", sig_rows.len()),
+        );
+        // The largest fan-out: the cost of one delivery with the per-publish
+        // work spread the thinnest.
+        let best = sig_rows.iter().max_by(|a, b| {
+            sig(a, "listeners")
+                .unwrap_or(0.0)
+                .total_cmp(&sig(b, "listeners").unwrap_or(0.0))
+        });
+        if let Some(r) = best {
+            push(
+                "signal: server CPU per delivered signal (us)",
+                sig(r, "server_cpu_us_per_delivery"),
+                "-",
+                &|_| true,
+                format!(
+                    "{} publishers x {} listeners, {} delivered/s; info only",
+                    u(r, "connections"),
+                    sig(r, "listeners").unwrap_or(0.0),
+                    opt(sig(r, "deliveries_per_s"), 0)
+                ),
+            );
+        }
+    }
+    if let Some(m) = metrics_on_off(rows) {
+        out.push(Check {
+            name: "metrics on/off CPU per cycle ratio (lock@100)".into(),
+            value: m.ratio,
+            limit: m
+                .tolerance
+                .map_or("-".into(), |t| format!("<= {:.3}", 1.0 + t)),
+            pass: match (m.ratio, m.tolerance) {
+                (Some(r), Some(t)) => Some(r <= 1.0 + t),
+                _ => None,
+            },
+            note: m.note(),
+        });
+    }
     out
+}
+
+/// Lock@100 against two servers of the same build, started without and
+/// with `--metrics-addr`, three runs each in the order off-a, on-a, on-b,
+/// off-b, off-c, on-c (interleaved, so that a drift of the machine over the
+/// runs falls on both). Medians, so that one run disturbed by another
+/// process on the machine does not decide the ratio.
+struct MetricsOnOff {
+    off: Vec<f64>,
+    on: Vec<f64>,
+    ratio: Option<f64>,
+    /// Run-to-run noise of one configuration: the median of the relative
+    /// differences |a - b| / median between its runs (two runs: |a - b| /
+    /// mean).
+    noise_off: Option<f64>,
+    noise_on: Option<f64>,
+    /// The same median over the pairs of both configurations together:
+    /// with three runs each, one disturbed run spoils two of the six pairs
+    /// and does not set it.
+    noise: Option<f64>,
+    /// Twice `noise`: how far from 1 the ratio may be by noise (the median
+    /// pairwise difference is about one standard deviation of a run, and
+    /// the ratio of two medians of three varies about as much).
+    tolerance: Option<f64>,
+}
+
+fn median(xs: &[f64]) -> Option<f64> {
+    let mut v = xs.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(v[n / 2]),
+        _ => Some((v[n / 2 - 1] + v[n / 2]) / 2.0),
+    }
+}
+
+/// The relative differences between the runs of one configuration.
+fn pair_diffs(xs: &[f64]) -> Vec<f64> {
+    let Some(m) = median(xs).filter(|&m| m > 0.0) else {
+        return Vec::new();
+    };
+    let mut diffs = Vec::new();
+    for (i, a) in xs.iter().enumerate() {
+        for b in &xs[i + 1..] {
+            diffs.push((a - b).abs() / m);
+        }
+    }
+    diffs
+}
+
+fn metrics_on_off(rows: &[Value]) -> Option<MetricsOnOff> {
+    let cpus = |prefix: &str| -> Vec<f64> {
+        rows.iter()
+            .filter(|r| s(r, "mode") == "lock" && variant(r).is_some_and(|v| v.starts_with(prefix)))
+            .filter_map(|r| f(r, "server_cpu_us_per_cycle"))
+            .collect()
+    };
+    let off = cpus("metrics-off");
+    let on = cpus("metrics-on");
+    if off.is_empty() && on.is_empty() {
+        return None;
+    }
+    let ratio = ratio(median(&on), median(&off));
+    let noise_off = median(&pair_diffs(&off));
+    let noise_on = median(&pair_diffs(&on));
+    let mut all = pair_diffs(&off);
+    all.extend(pair_diffs(&on));
+    let noise = median(&all);
+    Some(MetricsOnOff {
+        off,
+        on,
+        ratio,
+        noise_off,
+        noise_on,
+        noise,
+        tolerance: noise.map(|x| 2.0 * x),
+    })
+}
+
+impl MetricsOnOff {
+    fn note(&self) -> String {
+        let list = |xs: &[f64]| {
+            xs.iter()
+                .map(|x| format!("{x:.3}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let pct = |x: Option<f64>| opt(x.map(|x| x * 100.0), 1) + "%";
+        let verdict = match (self.ratio, self.tolerance) {
+            (Some(r), Some(t)) if (r - 1.0).abs() <= t => {
+                format!("no difference measurable at +-{:.1}%", t * 100.0)
+            }
+            (Some(r), Some(_)) if r < 1.0 => "on cheaper than off by more than the noise".into(),
+            (Some(_), Some(_)) => "on costs more than the noise".into(),
+            _ => "noise not measured".into(),
+        };
+        format!(
+            "us/cycle off [{}] on [{}]; noise off-vs-off {}, on-vs-on {}, pooled {}; {verdict}",
+            list(&self.off),
+            list(&self.on),
+            pct(self.noise_off),
+            pct(self.noise_on),
+            pct(self.noise),
+        )
+    }
+
+    fn json(&self) -> Value {
+        json!({
+            "what": "lock mode, 100 connections, server CPU per cycle (us), two servers of one build without and with --metrics-addr 127.0.0.1:0, runs in the order off-a, on-a, on-b, off-b, off-c, on-c; ratio of the medians; noise = median relative difference between runs of one configuration; tolerance = 2 x the noise pooled over the pairs of both configurations",
+            "off_us_per_cycle": self.off,
+            "on_us_per_cycle": self.on,
+            "off_median": median(&self.off),
+            "on_median": median(&self.on),
+            "ratio_on_off": self.ratio,
+            "noise_off_vs_off": self.noise_off,
+            "noise_on_vs_on": self.noise_on,
+            "noise_pooled": self.noise,
+            "tolerance": self.tolerance,
+            "note": self.note(),
+        })
+    }
 }
 
 fn checks_text(cs: &[Check]) -> String {
@@ -258,6 +531,7 @@ fn checks_text(cs: &[Check]) -> String {
     );
     for c in cs {
         let verdict = match c.pass {
+            _ if c.limit == "-" => "info",
             Some(true) => "PASS",
             Some(false) => "MISS",
             None => "n/a",
@@ -294,7 +568,21 @@ pub fn report(
         return Err(format!("{input}: no results"));
     }
     let cs = checks(&rows);
+    let mm = metrics_on_off(&rows);
     print!("{}", table(&rows));
+    if let Some(m) = &mm {
+        println!(
+            "\nmetrics on/off (lock@100, server CPU per cycle, medians of {} and {} runs): off {} us, on {} us, ratio {}; run-to-run noise off-vs-off {}%, on-vs-on {}%, pooled {}% (tolerance: twice that)",
+            m.off.len(),
+            m.on.len(),
+            opt(median(&m.off), 3),
+            opt(median(&m.on), 3),
+            opt(m.ratio, 3),
+            opt(m.noise_off.map(|x| x * 100.0), 1),
+            opt(m.noise_on.map(|x| x * 100.0), 1),
+            opt(m.noise.map(|x| x * 100.0), 1),
+        );
+    }
     print!("{}", checks_text(&cs));
     if let Some(out) = output {
         let doc = json!({
@@ -305,6 +593,8 @@ pub fn report(
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
             "runs": rows,
+            "metrics_on_off": mm.as_ref().map(MetricsOnOff::json),
+            "signal_note": rows.iter().any(|r| s(r, "mode") == "signal").then_some(SIGNAL_NOTE),
             "targets": cs.iter().map(|c| json!({
                 "target": c.name, "value": c.value, "limit": c.limit,
                 "pass": c.pass, "note": c.note,
@@ -364,7 +654,7 @@ fn chart(rows: &[Value], path: &str, machine: &str) -> Result<(), Box<dyn std::e
         for (server, color) in SERVERS {
             let mut pts: Vec<(f64, f64)> = rows
                 .iter()
-                .filter(|r| s(r, "server") == server && chart_row(r) == row)
+                .filter(|r| s(r, "server") == server && variant(r).is_none() && chart_row(r) == row)
                 .filter_map(|r| Some((u(r, "connections") as f64, metric(r)?)))
                 .filter(|&(_, y)| y > 0.0)
                 .collect();
@@ -416,4 +706,63 @@ fn chart(rows: &[Value], path: &str, machine: &str) -> Result<(), Box<dyn std::e
     }
     root.present()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lock100(variant: &str, cpu: f64) -> Value {
+        json!({"server": "dflockd", "variant": variant, "mode": "lock",
+               "connections": 100, "depth": 1, "server_cpu_us_per_cycle": cpu})
+    }
+
+    #[test]
+    fn metrics_ratio_and_noise() {
+        let rows = vec![
+            json!({"server": "dflockd", "mode": "lock", "connections": 100,
+                   "depth": 1, "server_cpu_us_per_cycle": 99.0}),
+            lock100("metrics-off-a", 5.0),
+            lock100("metrics-on-a", 9.0),
+            lock100("metrics-on-b", 5.1),
+            lock100("metrics-off-b", 5.1),
+            lock100("metrics-off-c", 5.2),
+            lock100("metrics-on-c", 5.2),
+        ];
+        let m = metrics_on_off(&rows).unwrap();
+        assert_eq!(m.off, [5.0, 5.1, 5.2]);
+        // Medians: one disturbed run (on-a) sets neither the ratio...
+        assert!((m.ratio.unwrap() - 5.2 / 5.1).abs() < 1e-9);
+        assert!((m.noise_off.unwrap() - 0.1 / 5.1).abs() < 1e-9);
+        // ...it spoils its own configuration's noise (two pairs of three)...
+        assert!((m.noise_on.unwrap() - 3.8 / 5.2).abs() < 1e-9);
+        // ...but not the pooled one (two pairs of six).
+        let pooled = (0.1 / 5.1 + 0.2 / 5.1) / 2.0;
+        assert!((m.noise.unwrap() - pooled).abs() < 1e-9, "{:?}", m.noise);
+        assert!((m.tolerance.unwrap() - 2.0 * pooled).abs() < 1e-9);
+        // The variant runs are not the main lock@100 row.
+        let main = find(&rows, "dflockd", "lock", 100, None).unwrap();
+        assert_eq!(f(main, "server_cpu_us_per_cycle"), Some(99.0));
+        let c = checks(&rows);
+        let mc = c
+            .iter()
+            .find(|c| c.name.starts_with("metrics on/off"))
+            .unwrap();
+        assert_eq!(mc.pass, Some(true));
+    }
+
+    #[test]
+    fn signal_losses_fail_the_check() {
+        let row = json!({"server": "dflockd", "mode": "signal", "connections": 2,
+            "depth": 1, "signal": {"listeners": 3, "pattern": "bench.*.evt",
+            "total_received": 10, "lost": 2, "out_of_order": 1, "extra": 0}});
+        assert_eq!(sig_bad(&row), 3);
+        let c = checks(std::slice::from_ref(&row));
+        let sc = c
+            .iter()
+            .find(|c| c.name.starts_with("signal: deliveries"))
+            .unwrap();
+        assert_eq!(sc.pass, Some(false));
+        assert!(table(&[row]).contains("bench.*.evt"));
+    }
 }
