@@ -100,3 +100,5 @@ echo "idle server RSS:                          $IDLE KiB ($(mib "$IDLE"))   tar
 echo "RSS with $N idle connections:          $OPEN KiB (+$((OPEN - IDLE)) KiB = +$(mib $((OPEN - IDLE))), $(((OPEN - IDLE) * 1024 / N)) bytes each)   target <= +25 MiB"
 echo "RSS after one ping on each (idle again):  $USED KiB (+$((USED - IDLE)) KiB = +$(mib $((USED - IDLE))))"
 echo "release binary, stripped:                 $SIZE bytes ($(mib $((SIZE / 1024))))   target <= 2.5 MiB"
+ulimit -n 20000 2>/dev/null || true
+python3 "$(dirname "$0")/measure_state.py" "$BIN"
