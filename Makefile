@@ -2,7 +2,7 @@
 CARGO ?= cargo
 PYTEST_ARGS ?=
 
-.PHONY: run build release test test-rust test-clients test-static static soak bench lint fmt clean
+.PHONY: run build release test test-rust test-clients test-static test-sim test-fuzz static soak sim fuzz bench lint fmt clean
 
 ## Run the server on its defaults (127.0.0.1:6388).
 run:
@@ -15,8 +15,9 @@ release:
 	$(CARGO) build --release --bin dflockd
 
 ## Every test: unit, integration (real binary, real sockets), the published
-## Python clients, and the static binary alone in an empty root.
-test: test-rust test-clients test-static
+## Python clients, the static binary alone in an empty root, one million
+## simulated operations, and a short run of each fuzzer.
+test: test-rust test-clients test-static test-sim test-fuzz
 
 test-rust:
 	$(CARGO) test --all-targets
@@ -31,6 +32,25 @@ static:
 ## The static binary alone in an empty chroot (prints SKIP where chroot is not permitted).
 test-static: static
 	bash tests/static/empty_root.sh
+
+## The deterministic simulation, 1,000,000 steps per scenario in release mode.
+test-sim:
+	bash scripts/sim.sh
+
+## Each fuzz target for 15 s (prints SKIP without a nightly toolchain).
+test-fuzz:
+	bash scripts/fuzz.sh 15
+
+## A long simulation: make sim SIM_SEED=42 SIM_STEPS=20000000
+SIM_SEED ?= random
+SIM_STEPS ?= 10000000
+sim:
+	bash scripts/sim.sh $(SIM_SEED) $(SIM_STEPS)
+
+## Each fuzz target for FUZZ_SECS (default 300) seconds.
+FUZZ_SECS ?= 300
+fuzz:
+	bash scripts/fuzz.sh $(FUZZ_SECS)
 
 ## A longer soak (SOAK_SECS, default 60) of random clients against the release binary.
 SOAK_SECS ?= 60

@@ -15,6 +15,11 @@ impl Core {
             ));
         }
         let mut idle_count = 0;
+        // Two-phase entries per resource, counted in one pass.
+        let mut pin_counts: hashbrown::HashMap<u32, usize> = hashbrown::HashMap::new();
+        for tp in self.conns.values().flat_map(|c| c.two_phase.iter()) {
+            *pin_counts.entry(tp.res).or_default() += 1;
+        }
         for (idx, r) in self.resources.iter() {
             let res = idx as u32;
             if self.keys.get(&r.key) != Some(&res) {
@@ -44,12 +49,7 @@ impl Core {
                 ));
             }
             idle_count += usize::from(r.idle);
-            let pins = self
-                .conns
-                .values()
-                .flat_map(|c| c.two_phase.iter())
-                .filter(|tp| tp.res == res)
-                .count();
+            let pins = pin_counts.get(&res).copied().unwrap_or(0);
             if pins != r.pins as usize {
                 return Err(format!(
                     "{:?}: {} pins but {pins} two-phase entries",

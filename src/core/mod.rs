@@ -427,7 +427,11 @@ impl Core {
             }
         }
         if self.cfg.auto_release_on_disconnect {
-            for token in &state.holdings {
+            // In grant order, so that the same history always hands slots to
+            // waiters in the same order (set iteration order is random).
+            let mut tokens: Vec<Token> = state.holdings.iter().copied().collect();
+            tokens.sort_unstable();
+            for token in &tokens {
                 if let Some(&(res, i)) = self.holder_at.get(token) {
                     self.remove_holder(res, i as usize);
                     self.counters.releases += 1;
