@@ -471,12 +471,8 @@ impl Core {
         lease_s: Option<u64>,
         out: &mut Outbox,
     ) -> Outcome {
-        if self.draining {
-            return replied(out, conn, Reply::ErrorDraining);
-        }
-        let lease_ms = self.lease_ms(lease_s);
-        let res = match self.resource_for(now, key, limit) {
-            Ok(res) => res,
+        let (res, lease_ms) = match self.open(now, key, limit, lease_s) {
+            Ok(opened) => opened,
             Err(reply) => return replied(out, conn, reply),
         };
         if self.has_free_slot(res) {
@@ -590,12 +586,8 @@ impl Core {
                 self.settle(now, res);
             }
         }
-        if self.draining {
-            return replied(out, conn, Reply::ErrorDraining);
-        }
-        let lease_ms = self.lease_ms(lease_s);
-        let res = match self.resource_for(now, key, limit) {
-            Ok(res) => res,
+        let (res, lease_ms) = match self.open(now, key, limit, lease_s) {
+            Ok(opened) => opened,
             Err(reply) => return replied(out, conn, reply),
         };
         let (state, reply) = if self.has_free_slot(res) {
@@ -787,6 +779,22 @@ impl Core {
         let &res = self.keys.get(key)?;
         let token = Token::parse(token.as_bytes())?;
         Some((res, self.holder_pos(res, token)?))
+    }
+
+    /// The resource a new acquisition or enqueue works on, and its lease:
+    /// refused while draining, on a limit mismatch or when keys run out.
+    fn open(
+        &mut self,
+        now: u64,
+        key: &str,
+        limit: u64,
+        lease_s: Option<u64>,
+    ) -> Result<(u32, u64), Reply> {
+        if self.draining {
+            return Err(Reply::ErrorDraining);
+        }
+        let res = self.resource_for(now, key, limit)?;
+        Ok((res, self.lease_ms(lease_s)))
     }
 
     /// The resource for `key`, created with `limit` if new. A key's limit is
