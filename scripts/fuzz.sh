@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Fuzzes each cargo-fuzz target in fuzz/ (frame, request, core_ops) for
+# Fuzzes each cargo-fuzz target in fuzz/ (frame, request, core_ops, subjects) for
 # SECONDS_PER_TARGET seconds (default 15), starting from the committed seed
 # corpus in fuzz/corpus/<target>/. New inputs the fuzzer finds go to
 # fuzz/corpus-work/<target>/ (not committed), so later runs pick up where
@@ -15,7 +15,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 SECS=${1:-15}
-TARGETS=${FUZZ_TARGETS:-"frame request core_ops"}
+TARGETS=${FUZZ_TARGETS:-"frame request core_ops subjects"}
 
 if ! cargo +nightly --version >/dev/null 2>&1; then
     echo "SKIP: fuzzing needs a nightly toolchain (rustup toolchain install nightly); none found"
