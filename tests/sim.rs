@@ -17,8 +17,19 @@
 //!   shape and is one the request allows;
 //! - server side: grants in FIFO order per key (a grant goes to the oldest
 //!   live waiter);
+//! - signals, against a reference model of the subscriptions kept by the
+//!   simulation (patterns matched by a naive token-by-token matcher): every
+//!   `listen` / `unlisten` gets the reply the model predicts (including the
+//!   per-connection cap), every `signal` reaches exactly the connections the
+//!   model names (each plain subscriber once however many of its patterns
+//!   match, one member per matching group, in the group's round-robin order)
+//!   and its `ok <n>` counts them; each client receives exactly those pushed
+//!   `sig` lines, in order, between its reply lines (a pushed line is never
+//!   taken for a reply, and a push does not end a wait in `l`); the core's
+//!   subscription count and the `signal_channels` of `stats` match the model;
+//!   subscriptions end with `unlisten` and with the connection;
 //! - at the end, once everyone has left and time has passed, the core is
-//!   empty.
+//!   empty (no subscription left, the subject trie pruned to its root).
 //!
 //! Everything is driven by one seeded PRNG, so a failure replays exactly:
 //! `SIM_SEED=<seed> SIM_STEPS=<steps> cargo test --release --test sim`.
@@ -26,6 +37,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt::Write as _;
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use dflockd::core::{Config, ConnId, Core, Outbox, Outcome, SeededEntropy};
@@ -119,6 +131,169 @@ fn pick_key(rng: &mut Rng) -> usize {
     }
 }
 
+// ---- signals ----
+
+/// Every `LISTENER_EVERY`-th client also listens; every client signals.
+const LISTENER_EVERY: usize = 4;
+/// The channel space: tokens from this list, one to three deep.
+const CHANNEL_TOKENS: [&str; 3] = ["a", "b", "c"];
+/// Queue groups listen on a few patterns only, so that groups have several
+/// members and the round-robin rotation gets exercised.
+const GROUP_PATTERNS: [&str; 6] = [">", "a.>", "*.b", "a.b", "b.*.c", "*"];
+const GROUPS: [&str; 2] = ["g1", "g2"];
+
+/// The reference matcher: pattern against channel, token by token.
+fn naive_match(pattern: &[String], channel: &[&str]) -> bool {
+    for (i, tok) in pattern.iter().enumerate() {
+        match tok.as_str() {
+            ">" => return channel.len() > i,
+            "*" => {
+                if i >= channel.len() {
+                    return false;
+                }
+            }
+            t => {
+                if channel.get(i) != Some(&t) {
+                    return false;
+                }
+            }
+        }
+    }
+    pattern.len() == channel.len()
+}
+
+/// A (pattern, group) subscription as the reference model keeps it.
+struct ModelSub {
+    tokens: Vec<String>,
+    /// In join order.
+    members: Vec<ConnId>,
+    /// Round-robin: the index of the member the next signal goes to (taken
+    /// modulo the member count). It moves past each receiver, wrapping at the
+    /// end of the list; a member leaving before it shifts it back with the
+    /// list, so the member it named stays next.
+    next: usize,
+}
+
+/// The subscriptions as they must be in the core.
+#[derive(Default)]
+struct SignalModel {
+    subs: BTreeMap<(String, String), ModelSub>,
+    by_conn: HashMap<ConnId, Vec<(String, String)>>,
+}
+
+impl SignalModel {
+    fn count_for(&self, conn: ConnId) -> usize {
+        self.by_conn.get(&conn).map_or(0, Vec::len)
+    }
+
+    fn is_member(&self, conn: ConnId, pattern: &str, group: &str) -> bool {
+        self.by_conn
+            .get(&conn)
+            .is_some_and(|l| l.iter().any(|(p, g)| p == pattern && g == group))
+    }
+
+    fn join(&mut self, conn: ConnId, pattern: &str, group: &str) {
+        if self.is_member(conn, pattern, group) {
+            return;
+        }
+        let name = (pattern.to_string(), group.to_string());
+        let sub = self.subs.entry(name.clone()).or_insert_with(|| ModelSub {
+            tokens: pattern.split('.').map(str::to_string).collect(),
+            members: Vec::new(),
+            next: 0,
+        });
+        sub.members.push(conn);
+        self.by_conn.entry(conn).or_default().push(name);
+    }
+
+    fn leave(&mut self, conn: ConnId, pattern: &str, group: &str) {
+        let Some(list) = self.by_conn.get_mut(&conn) else {
+            return;
+        };
+        let Some(i) = list.iter().position(|(p, g)| p == pattern && g == group) else {
+            return;
+        };
+        let name = list.remove(i);
+        if list.is_empty() {
+            self.by_conn.remove(&conn);
+        }
+        self.leave_sub(conn, &name);
+    }
+
+    fn leave_sub(&mut self, conn: ConnId, name: &(String, String)) {
+        let sub = self.subs.get_mut(name).expect("member of a listed sub");
+        let i = sub
+            .members
+            .iter()
+            .position(|&m| m == conn)
+            .expect("listed member");
+        sub.members.remove(i);
+        if i < sub.next {
+            sub.next -= 1;
+        }
+        if sub.members.is_empty() {
+            self.subs.remove(name);
+        }
+    }
+
+    fn disconnect(&mut self, conn: ConnId) {
+        for name in self.by_conn.remove(&conn).unwrap_or_default() {
+            self.leave_sub(conn, &name);
+        }
+    }
+
+    /// The receivers of a signal on `channel`, sorted (a connection appears
+    /// once per matching group that picks it, plus once if any of its plain
+    /// subscriptions match), and how many of them are group deliveries.
+    fn publish(&mut self, channel: &str) -> (Vec<ConnId>, usize) {
+        let channel: Vec<&str> = channel.split('.').collect();
+        let mut plain = Vec::new();
+        let mut out = Vec::new();
+        for ((_, group), sub) in &mut self.subs {
+            if !naive_match(&sub.tokens, &channel) {
+                continue;
+            }
+            if group.is_empty() {
+                plain.extend_from_slice(&sub.members);
+            } else {
+                let i = sub.next % sub.members.len();
+                sub.next = (i + 1) % sub.members.len();
+                out.push(sub.members[i]);
+            }
+        }
+        let grouped = out.len();
+        plain.sort_unstable();
+        plain.dedup();
+        out.extend(plain);
+        out.sort_unstable();
+        (out, grouped)
+    }
+
+    /// The nodes a subject trie holding exactly these patterns needs, the
+    /// root included.
+    fn trie_nodes(&self) -> usize {
+        let mut prefixes = std::collections::BTreeSet::new();
+        for (pattern, _) in self.subs.keys() {
+            for (i, _) in pattern.match_indices('.') {
+                prefixes.insert(&pattern[..i]);
+            }
+            prefixes.insert(pattern.as_str());
+        }
+        prefixes.len() + 1
+    }
+}
+
+/// What the model expects of a signal request the core is about to handle.
+enum SigCheck {
+    /// `listen` / `unlisten`: the one reply.
+    Reply(Reply),
+    Signal {
+        receivers: Vec<ConnId>,
+        line: Rc<str>,
+    },
+    Stats,
+}
+
 // ---- clients ----
 
 /// What a request sent by a client waits for.
@@ -152,6 +327,15 @@ enum Pending {
     Garbage,
     /// A line over the limit: `error`, then the server hangs up.
     OverLong,
+    Listen {
+        pattern: String,
+        group: String,
+    },
+    Unlisten {
+        pattern: String,
+        group: String,
+    },
+    Signal,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -174,6 +358,13 @@ struct Client {
     /// Tokens the client believes it holds (see `World::believers`).
     held: Vec<(usize, u128)>,
     two_phase: BTreeMap<usize, TwoPhase>,
+    /// The (pattern, group) pairs the client listens to, as its replies say.
+    subs: Vec<(String, String)>,
+    /// The pushed lines the model says are on their way, in order.
+    pushes: VecDeque<Rc<str>>,
+    /// The exact replies the model expects to the client's signal requests
+    /// the server has handled, in order.
+    sig_replies: VecDeque<String>,
 }
 
 /// A client's belief that it holds a slot of a key until `until`.
@@ -227,6 +418,17 @@ struct Counts {
     max_waiters: u64,
     split_deliveries: u64,
     pipelined_batches: u64,
+    listens: u64,
+    listen_repeats: u64,
+    listens_refused: u64,
+    unlistens: u64,
+    unlisten_noops: u64,
+    signals: u64,
+    deliveries: u64,
+    group_deliveries: u64,
+    pushes_received: u64,
+    pushes_while_blocked: u64,
+    pushes_to_self: u64,
 }
 
 /// What the FIFO checker needs to know about a request after it is handled.
@@ -259,6 +461,8 @@ struct World {
     to_parse: Vec<usize>,
     scratch: Vec<u8>,
     counts: Counts,
+    sig: SignalModel,
+    sig_seq: u64,
     /// `SIM_VERBOSE`: a progress line every 100 000 steps.
     verbose: bool,
     /// Stop after this long (debug builds without `SIM_STEPS`).
@@ -327,6 +531,8 @@ impl World {
             to_parse: Vec::new(),
             scratch: Vec::new(),
             counts: Counts::default(),
+            sig: SignalModel::default(),
+            sig_seq: 0,
             verbose: std::env::var_os("SIM_VERBOSE").is_some(),
             budget: None,
             check_every_step: true,
@@ -369,6 +575,13 @@ impl World {
             if let Err(e) = self.core.check_invariants() {
                 check!(self, false, "invariant broken: {e}");
             }
+            check!(
+                self,
+                self.core.signals().subscription_count() == self.sig.subs.len(),
+                "{} subscriptions in the core, {} in the model",
+                self.core.signals().subscription_count(),
+                self.sig.subs.len()
+            );
         }
         self.step = self.steps;
         self.teardown();
@@ -421,10 +634,16 @@ impl World {
         }
         self.out.clear();
         self.core.disconnect(self.now, id, &mut self.out);
+        self.sig.disconnect(id);
         check!(
             self,
             self.out.replies.iter().all(|&(c, _)| c != id),
             "reply to a connection being closed"
+        );
+        check!(
+            self,
+            self.core.signals().count_for(id) == 0,
+            "subscriptions outlive their connection"
         );
         self.account_others();
         self.dispatch(None);
@@ -502,7 +721,12 @@ impl World {
                         Request::Wait { key, .. } => Handled::Wait(self.key_index[key]),
                         _ => Handled::Other,
                     };
-                    (self.core.handle(self.now, id, &req, &mut self.out), handled)
+                    let sig = self.signal_expect(id, &req);
+                    let outcome = self.core.handle(self.now, id, &req, &mut self.out);
+                    if let Some(sig) = sig {
+                        self.signal_verify(id, sig);
+                    }
+                    (outcome, handled)
                 }
                 Err(_) => {
                     self.out.replies.push((id, Reply::Error));
@@ -637,6 +861,10 @@ impl World {
         let n = self.out.replies.len();
         for i in 0..n {
             let (id, reply) = self.out.replies[i];
+            if reply.is_push() {
+                // Pushed whenever a signal is published: no wait ends.
+                continue;
+            }
             let Some(sc) = self.conns.get(&id) else {
                 continue;
             };
@@ -675,7 +903,7 @@ impl World {
             };
             let client = sc.client;
             encode_reply(&reply, self.out.body(&reply), &mut self.clients[client].rx);
-            if sc.blocked.is_some() {
+            if sc.blocked.is_some() && !reply.is_push() {
                 sc.blocked = None;
                 if Some(id) != current {
                     self.ready.push(id);
@@ -684,6 +912,148 @@ impl World {
             self.to_parse.push(client);
         }
         self.out.replies.clear();
+    }
+
+    // ---- signals, server side: the reference model ----
+
+    /// Applies a signal request to the model before the core handles it, and
+    /// says what the core must answer.
+    fn signal_expect(&mut self, id: ConnId, req: &Request<'_>) -> Option<SigCheck> {
+        match *req {
+            Request::Listen { pattern, group } => {
+                let max = self.cfg.max_subscriptions;
+                let member = self.sig.is_member(id, pattern, group);
+                if max != 0 && !member && self.sig.count_for(id) >= max {
+                    self.counts.listens_refused += 1;
+                    return Some(SigCheck::Reply(Reply::Error));
+                }
+                self.counts.listens += 1;
+                self.counts.listen_repeats += u64::from(member);
+                self.sig.join(id, pattern, group);
+                Some(SigCheck::Reply(Reply::Ok))
+            }
+            Request::Unlisten { pattern, group } => {
+                self.counts.unlistens += 1;
+                let member = self.sig.is_member(id, pattern, group);
+                self.counts.unlisten_noops += u64::from(!member);
+                self.sig.leave(id, pattern, group);
+                Some(SigCheck::Reply(Reply::Ok))
+            }
+            Request::Signal { channel, payload } => {
+                let (receivers, grouped) = self.sig.publish(channel);
+                self.counts.signals += 1;
+                self.counts.deliveries += receivers.len() as u64;
+                self.counts.group_deliveries += grouped as u64;
+                Some(SigCheck::Signal {
+                    receivers,
+                    line: format!("sig {channel} {payload}").into(),
+                })
+            }
+            Request::Stats => Some(SigCheck::Stats),
+            _ => None,
+        }
+    }
+
+    /// Checks the core's outbox against the model's expectation, and tells
+    /// the clients what to expect on the wire.
+    fn signal_verify(&mut self, id: ConnId, sig: SigCheck) {
+        let requester = self.conns[&id].client;
+        match sig {
+            SigCheck::Reply(want) => {
+                let got = &self.out.replies;
+                check!(
+                    self,
+                    got.as_slice() == [(id, want)],
+                    "conn {id}: (un)listen produced {got:?}, the model says {want:?}"
+                );
+                let line = if want == Reply::Ok { "ok" } else { "error" };
+                self.clients[requester]
+                    .sig_replies
+                    .push_back(line.to_string());
+            }
+            SigCheck::Signal { receivers, line } => {
+                let last = self.out.replies.last().copied();
+                check!(
+                    self,
+                    last == Some((id, Reply::OkNumber(receivers.len() as u64))),
+                    "{line:?} answered {last:?}, the model counts {} deliveries",
+                    receivers.len()
+                );
+                let n = self.out.replies.len() - 1;
+                let mut got = Vec::with_capacity(n);
+                for &(r, reply) in &self.out.replies[..n] {
+                    check!(self, reply == Reply::Signal, "a signal produced {reply:?}");
+                    got.push(r);
+                }
+                got.sort_unstable();
+                check!(
+                    self,
+                    got == receivers,
+                    "{line:?} pushed to conns {got:?}, the model says {receivers:?}"
+                );
+                for &r in &receivers {
+                    let sc = self.conns.get(&r);
+                    check!(self, sc.is_some(), "push to closed conn {r}");
+                    let sc = sc.expect("checked");
+                    self.counts.pushes_while_blocked += u64::from(sc.blocked.is_some());
+                    self.counts.pushes_to_self += u64::from(r == id);
+                    self.clients[sc.client].pushes.push_back(line.clone());
+                }
+                self.clients[requester]
+                    .sig_replies
+                    .push_back(format!("ok {}", receivers.len()));
+            }
+            SigCheck::Stats => self.check_stats_channels(),
+        }
+    }
+
+    /// The `signal_channels` of a `stats` reply list the model's
+    /// subscriptions, and the subject trie holds no node they do not need.
+    fn check_stats_channels(&self) {
+        let json = String::from_utf8_lossy(&self.out.json);
+        let list = json
+            .split_once("\"signal_channels\":[")
+            .and_then(|(_, l)| l.strip_suffix("]}"));
+        check!(
+            self,
+            list.is_some(),
+            "stats without signal_channels: {json}"
+        );
+        let list = list.expect("checked");
+        let mut got = Vec::new();
+        if !list.is_empty() {
+            let inner = list.strip_prefix('{').and_then(|l| l.strip_suffix('}'));
+            for item in inner.unwrap_or_default().split("},{") {
+                let entry = item
+                    .strip_prefix("\"pattern\":\"")
+                    .and_then(|r| r.split_once("\",\"group\":\""))
+                    .and_then(|(p, r)| {
+                        let (g, n) = r.split_once("\",\"listeners\":")?;
+                        Some((p.to_string(), g.to_string(), n.parse::<usize>().ok()?))
+                    });
+                check!(self, entry.is_some(), "stats: signal channel {item:?}");
+                got.push(entry.expect("checked"));
+            }
+        }
+        got.sort();
+        let want: Vec<(String, String, usize)> = self
+            .sig
+            .subs
+            .iter()
+            .map(|((p, g), s)| (p.clone(), g.clone(), s.members.len()))
+            .collect();
+        check!(
+            self,
+            got == want,
+            "stats lists signal channels {got:?}, the model {want:?}"
+        );
+        let nodes = self.core.signals().node_count();
+        check!(
+            self,
+            nodes == self.sig.trie_nodes(),
+            "{nodes} trie nodes, the patterns need {}",
+            self.sig.trie_nodes()
+        );
     }
 
     // ---- the clients ----
@@ -740,6 +1110,9 @@ impl World {
         client.tx.clear();
         client.rx.clear();
         client.pending.clear();
+        client.subs.clear();
+        client.pushes.clear();
+        client.sig_replies.clear();
         self.drop_beliefs(c);
     }
 
@@ -802,6 +1175,11 @@ impl World {
     fn compose_one(&mut self, c: usize, alone: bool) {
         let mut req = String::new();
         let nl = self.line_end();
+        if let Some(pending) = self.compose_signal(c, nl, &mut req) {
+            self.clients[c].tx.extend_from_slice(req.as_bytes());
+            self.clients[c].pending.push_back(pending);
+            return;
+        }
         // A client holding something mostly gets on with releasing it.
         let roll = if self.pick_held_peek(c) && self.rng.chance(1, 2) {
             300 + self.rng.below(350)
@@ -943,10 +1321,92 @@ impl World {
         self.clients[c].pending.push_back(pending);
     }
 
+    /// Sometimes a signal request instead of lock traffic: listeners
+    /// (un)subscribe, everyone signals.
+    fn compose_signal(&mut self, c: usize, nl: &str, req: &mut String) -> Option<Pending> {
+        let roll = self.rng.below(100);
+        if c % LISTENER_EVERY == 0 && roll < 25 {
+            let have = self.clients[c].subs.len();
+            let unlisten = match have {
+                0 => self.rng.chance(1, 20),
+                1..=2 => self.rng.chance(1, 4),
+                3..=4 => self.rng.chance(1, 2),
+                _ => self.rng.chance(4, 5),
+            };
+            // Mostly unlisten what it listens to; sometimes listen again to
+            // the same (a no-op), or unlisten something else (also one).
+            let (pattern, group) = if have > 0 && self.rng.chance(if unlisten { 9 } else { 1 }, 10)
+            {
+                let i = self.rng.index(have);
+                self.clients[c].subs[i].clone()
+            } else {
+                self.random_subscription()
+            };
+            let cmd = if unlisten { "unlisten" } else { "listen" };
+            // The group is trimmed: padding changes nothing.
+            let arg = match self.rng.below(4) {
+                0 => format!(" {group}  "),
+                _ => group.clone(),
+            };
+            write!(req, "{cmd}{nl}{pattern}{nl}{arg}{nl}").unwrap();
+            return Some(if unlisten {
+                Pending::Unlisten { pattern, group }
+            } else {
+                Pending::Listen { pattern, group }
+            });
+        }
+        if roll < 97 {
+            return None;
+        }
+        let channel = self.random_channel();
+        // Unique payloads: the sequence number comes first.
+        let seq = self.sig_seq;
+        self.sig_seq += 1;
+        let payload = match self.rng.below(20) {
+            0 => format!("p{seq} with  spaces "),
+            1 => format!("p{seq} ключ\tx"),
+            2 => format!("p{seq} {}", "y".repeat(200 + self.rng.index(1_500))),
+            _ => format!("p{seq}"),
+        };
+        write!(req, "signal{nl}{channel}{nl}{payload}{nl}").unwrap();
+        Some(Pending::Signal)
+    }
+
+    fn random_channel(&mut self) -> String {
+        let depth = 1 + self.rng.index(3);
+        let tokens: Vec<&str> = (0..depth)
+            .map(|_| CHANNEL_TOKENS[self.rng.index(CHANNEL_TOKENS.len())])
+            .collect();
+        tokens.join(".")
+    }
+
+    /// A (pattern, group): plain ones over the whole pattern space, queue
+    /// groups on a few patterns.
+    fn random_subscription(&mut self) -> (String, String) {
+        if self.rng.chance(1, 4) {
+            let p = GROUP_PATTERNS[self.rng.index(GROUP_PATTERNS.len())];
+            let g = GROUPS[self.rng.index(GROUPS.len())];
+            return (p.to_string(), g.to_string());
+        }
+        let depth = 1 + self.rng.index(3);
+        let tokens: Vec<&str> = (0..depth)
+            .map(|i| {
+                if i + 1 == depth && self.rng.chance(1, 5) {
+                    ">"
+                } else if self.rng.chance(1, 4) {
+                    "*"
+                } else {
+                    CHANNEL_TOKENS[self.rng.index(CHANNEL_TOKENS.len())]
+                }
+            })
+            .collect();
+        (tokens.join("."), String::new())
+    }
+
     /// A complete three-line request the parser must refuse.
     fn garbage(&mut self, nl: &str) -> Vec<u8> {
         let key = self.keys[pick_key(&mut self.rng)].name.clone();
-        let fixed: [&[u8]; 16] = [
+        let fixed: [&[u8]; 19] = [
             b"l\n\n1\n",
             b"l\na b\n1\n",
             b"l\nk\n-1\n",
@@ -962,6 +1422,9 @@ impl World {
             b"L\nk\n1\n",
             b"signal\na.*\nx\n",
             b"listen\na..b\n\n",
+            b"listen\na\ng h\n",
+            b"unlisten\n>.a\n\n",
+            b"signal\na.b\n   \n",
             b"auth\n_\nnot-configured\n",
         ];
         match self.rng.below(3) {
@@ -1105,6 +1568,17 @@ impl World {
         while let Some(nl) = self.clients[c].rx.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = self.clients[c].rx.drain(..=nl).collect();
             let line = String::from_utf8(line[..nl].to_vec()).expect("replies are UTF-8");
+            if line.starts_with("sig ") {
+                // Pushed between replies: not the answer to what is pending.
+                let want = self.clients[c].pushes.pop_front();
+                check!(
+                    self,
+                    want.as_deref() == Some(line.as_str()),
+                    "client {c}: pushed {line:?}, expected {want:?}"
+                );
+                self.counts.pushes_received += 1;
+                continue;
+            }
             let pending = self.clients[c].pending.pop_front();
             check!(
                 self,
@@ -1119,6 +1593,12 @@ impl World {
                 return;
             }
         }
+        check!(
+            self,
+            self.clients[c].pushes.is_empty(),
+            "client {c}: pushes never arrived: {:?}",
+            self.clients[c].pushes
+        );
     }
 
     /// Parses `ok <token> <lease>` / `acquired <token> <lease>`.
@@ -1323,6 +1803,24 @@ impl World {
                 self.counts.garbage += 1;
                 check!(self, line == "error", "garbage answered {line:?}");
             }
+            Pending::Listen { pattern, group } => {
+                self.sig_reply(c, line);
+                if line == "ok"
+                    && !self.clients[c]
+                        .subs
+                        .iter()
+                        .any(|(p, g)| *p == pattern && *g == group)
+                {
+                    self.clients[c].subs.push((pattern, group));
+                }
+            }
+            Pending::Unlisten { pattern, group } => {
+                self.sig_reply(c, line);
+                self.clients[c]
+                    .subs
+                    .retain(|(p, g)| !(*p == pattern && *g == group));
+            }
+            Pending::Signal => self.sig_reply(c, line),
             Pending::OverLong => {
                 check!(self, line == "error", "over-long line answered {line:?}");
                 check!(
@@ -1336,6 +1834,17 @@ impl World {
             }
         }
         false
+    }
+
+    /// A reply to a signal request is exactly what the model predicted when
+    /// the server handled it.
+    fn sig_reply(&mut self, c: usize, line: &str) {
+        let want = self.clients[c].sig_replies.pop_front();
+        check!(
+            self,
+            want.as_deref() == Some(line),
+            "client {c}: signal request answered {line:?}, the model says {want:?}"
+        );
     }
 
     fn count_refusal(&mut self, line: &str) {
@@ -1390,6 +1899,26 @@ impl World {
             self,
             self.tickets.iter().all(VecDeque::is_empty),
             "tickets left"
+        );
+        let signals = self.core.signals();
+        check!(
+            self,
+            self.sig.subs.is_empty()
+                && self.sig.by_conn.is_empty()
+                && signals.subscription_count() == 0
+                && signals.node_count() == 1,
+            "after teardown: {} subscriptions, {} trie nodes",
+            signals.subscription_count(),
+            signals.node_count()
+        );
+        let counters = self.core.counters();
+        check!(
+            self,
+            counters.signals_published == self.counts.signals
+                && counters.signals_delivered == self.counts.deliveries,
+            "counters {counters:?}: {} signals, {} deliveries",
+            self.counts.signals,
+            self.counts.deliveries
         );
     }
 }
@@ -1465,7 +1994,7 @@ fn sim_no_auto_release_with_limits() {
             gc_interval_ms: 250,
             gc_max_idle_ms: 1_000,
             auto_release_on_disconnect: false,
-            ..Config::default()
+            max_subscriptions: 4,
         },
     );
 }
