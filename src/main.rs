@@ -112,6 +112,7 @@ fn options(cfg: &Config) -> Result<Options, String> {
             gc_max_idle_ms: cfg.gc_max_idle_s * 1000,
             auto_release_on_disconnect: cfg.auto_release_on_disconnect,
             max_subscriptions: cfg.max_subscriptions,
+            max_holds_per_conn: cfg.max_holds_per_connection,
         },
         max_output_buffer: cfg.max_output_buffer,
         max_connections: cfg.max_connections,

@@ -155,3 +155,16 @@ fn one_connection_may_hold_several_slots() {
     assert!(c.cmd("sl", "multi", "0 3").starts_with("ok "));
     assert_eq!(c.cmd("sl", "multi", "0 3"), "timeout");
 }
+
+#[test]
+fn holds_per_connection_are_capped() {
+    let s = Server::start(&["--max-holds-per-connection", "3"]);
+    let mut a = s.connect();
+    for _ in 0..3 {
+        token_of(&a.cmd("sl", "big", "0 1000000"));
+    }
+    assert_eq!(a.cmd("sl", "big", "0 1000000"), "error_max_locks");
+    assert_eq!(a.cmd("l", "x", "0"), "error_max_locks");
+    let mut b = s.connect();
+    token_of(&b.cmd("sl", "big", "0 1000000"));
+}

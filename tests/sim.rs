@@ -1995,6 +1995,7 @@ fn sim_no_auto_release_with_limits() {
             gc_max_idle_ms: 1_000,
             auto_release_on_disconnect: false,
             max_subscriptions: 4,
+            max_holds_per_conn: 0,
         },
     );
 }

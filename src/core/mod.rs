@@ -48,6 +48,9 @@ pub struct Config {
     pub auto_release_on_disconnect: bool,
     /// Most signal subscriptions per connection; 0 = unlimited.
     pub max_subscriptions: usize,
+    /// Most locks and semaphore slots one connection may hold at once when
+    /// it asks for another; 0 = unlimited.
+    pub max_holds_per_conn: usize,
 }
 
 impl Default for Config {
@@ -60,6 +63,7 @@ impl Default for Config {
             gc_max_idle_ms: 60_000,
             auto_release_on_disconnect: true,
             max_subscriptions: 0,
+            max_holds_per_conn: 1024,
         }
     }
 }
@@ -471,7 +475,7 @@ impl Core {
         lease_s: Option<u64>,
         out: &mut Outbox,
     ) -> Outcome {
-        let (res, lease_ms) = match self.open(now, key, limit, lease_s) {
+        let (res, lease_ms) = match self.open(now, conn, key, limit, lease_s) {
             Ok(opened) => opened,
             Err(reply) => return replied(out, conn, reply),
         };
@@ -586,7 +590,7 @@ impl Core {
                 self.settle(now, res);
             }
         }
-        let (res, lease_ms) = match self.open(now, key, limit, lease_s) {
+        let (res, lease_ms) = match self.open(now, conn, key, limit, lease_s) {
             Ok(opened) => opened,
             Err(reply) => return replied(out, conn, reply),
         };
@@ -786,12 +790,24 @@ impl Core {
     fn open(
         &mut self,
         now: u64,
+        conn: ConnId,
         key: &str,
         limit: u64,
         lease_s: Option<u64>,
     ) -> Result<(u32, u64), Reply> {
         if self.draining {
             return Err(Reply::ErrorDraining);
+        }
+        // One connection cannot pile up holdings without bound (a semaphore
+        // with a huge limit would otherwise let it).
+        let max = self.cfg.max_holds_per_conn;
+        if max != 0
+            && self
+                .conns
+                .get(&conn)
+                .is_some_and(|c| c.holdings.len() >= max)
+        {
+            return Err(Reply::ErrorMaxLocks);
         }
         let res = self.resource_for(now, key, limit)?;
         Ok((res, self.lease_ms(lease_s)))

@@ -499,3 +499,31 @@ fn a_very_long_wait_does_not_time_out_early() {
     assert!(h.advance(80_000_000_000).is_empty());
     assert!(h.advance(80_000_000_000).is_empty());
 }
+
+#[test]
+fn one_connection_cannot_hold_without_bound() {
+    let mut h = Harness::with(Config {
+        max_holds_per_conn: 2,
+        ..Config::default()
+    });
+    let a = granted(h.sem(1, "s", 0, 1000));
+    granted(h.sem(1, "s", 0, 1000));
+    assert_eq!(h.sem(1, "s", 0, 1000), Some(Reply::ErrorMaxLocks));
+    assert_eq!(h.lock(1, "other", 0, None), Some(Reply::ErrorMaxLocks));
+    assert_eq!(
+        h.run(
+            1,
+            Request::Enqueue {
+                key: "e",
+                limit: 1,
+                lease_s: None,
+                kind: Kind::Lock
+            }
+        ),
+        Some(Reply::ErrorMaxLocks)
+    );
+    // Other connections are not affected; releasing makes room again.
+    granted(h.sem(2, "s", 0, 1000));
+    assert_eq!(h.release(1, "s", a), Reply::Ok);
+    granted(h.sem(1, "s", 0, 1000));
+}
