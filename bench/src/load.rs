@@ -23,6 +23,7 @@ use std::io::{self, Read, Write};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use dflockd::protocol::reply::push_u64;
 use hdrhistogram::Histogram;
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
@@ -265,9 +266,9 @@ impl Gen {
                 w.extend_from_slice(key);
                 w.push(b'\n');
                 let start = w.len();
-                push_num(w, sg.sent_seq[slot.key as usize]);
+                push_u64(w, sg.sent_seq[slot.key as usize]);
                 w.push(b':');
-                push_num(w, now.duration_since(sg.t0).as_nanos() as u64);
+                push_u64(w, now.duration_since(sg.t0).as_nanos() as u64);
                 let len = w.len() - start;
                 if len < sg.payload_bytes {
                     w.resize(w.len() + sg.payload_bytes - len, b'x');
@@ -614,30 +615,15 @@ fn line3(w: &mut Vec<u8>, cmd: &[u8], key: &[u8], arg: &[&[u8]]) {
 /// A RESP array of bulk strings.
 fn resp(w: &mut Vec<u8>, parts: &[&[u8]]) {
     w.push(b'*');
-    push_num(w, parts.len() as u64);
+    push_u64(w, parts.len() as u64);
     w.extend_from_slice(b"\r\n");
     for p in parts {
         w.push(b'$');
-        push_num(w, p.len() as u64);
+        push_u64(w, p.len() as u64);
         w.extend_from_slice(b"\r\n");
         w.extend_from_slice(p);
         w.extend_from_slice(b"\r\n");
     }
-}
-
-fn push_num(w: &mut Vec<u8>, n: u64) {
-    let mut digits = [0u8; 20];
-    let mut i = digits.len();
-    let mut n = n;
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    w.extend_from_slice(&digits[i..]);
 }
 
 fn connect(addr: SocketAddr) -> io::Result<TcpStream> {

@@ -786,7 +786,8 @@ impl Core {
     }
 
     /// The resource a new acquisition or enqueue works on, and its lease:
-    /// refused while draining, on a limit mismatch or when keys run out.
+    /// refused while draining, when the connection already holds its
+    /// maximum, on a limit mismatch, or when keys run out.
     fn open(
         &mut self,
         now: u64,
