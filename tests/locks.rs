@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Client, Server, stats, token_of};
+use common::{Client, Server, stats, token_of, wait_for_stats};
 
 #[test]
 fn every_lock_command_and_status() {
@@ -62,11 +62,7 @@ fn waiters_are_granted_in_arrival_order() {
         let mut c = s.connect();
         c.send_cmd("l", "q", "30");
         let want = format!("\"waiters\":{}", i + 1);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while !stats(&mut admin).contains(&want) {
-            assert!(Instant::now() < deadline);
-            std::thread::sleep(Duration::from_millis(2));
-        }
+        wait_for_stats(&mut admin, &want, Duration::from_secs(5));
         clients.push(c);
     }
     assert_eq!(holder.cmd("r", "q", &first), "ok");
@@ -155,11 +151,8 @@ fn a_waiter_that_disconnects_leaves_the_queue() {
     assert!(stats(&mut a).contains("\"waiters\":2"));
     gone.shutdown();
     drop(gone);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !stats(&mut a).contains("\"waiters\":1") {
-        assert!(Instant::now() < deadline, "the closed waiter stayed queued");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    // The closed waiter leaves the queue.
+    wait_for_stats(&mut a, "\"waiters\":1", Duration::from_secs(5));
     assert_eq!(a.cmd("r", "w", &t), "ok");
     assert!(b.line().starts_with("ok "));
 }
@@ -208,11 +201,7 @@ fn a_blocked_connection_whose_peer_closes_cancels_its_waiter() {
     b.send_cmd("l", "c", "30");
     std::thread::sleep(Duration::from_millis(50));
     b.stream.shutdown(std::net::Shutdown::Write).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !stats(&mut a).contains("\"waiters\":0") {
-        assert!(Instant::now() < deadline, "waiter not cancelled");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_for_stats(&mut a, "\"waiters\":0", Duration::from_secs(5));
     assert!(stats(&mut a).contains("\"connections\":1"));
     assert_eq!(a.cmd("r", "c", &t), "ok");
 }

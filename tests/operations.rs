@@ -7,7 +7,7 @@ use std::io::Write;
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use common::{Client, Server, stats};
+use common::{Client, Server, stats, wait_for_stats};
 
 /// The load tests below each open hundreds or thousands of sockets; running
 /// them one at a time keeps them from starving each other on a small machine.
@@ -157,11 +157,11 @@ fn ten_thousand_idle_connections_and_a_fresh_one_is_served() {
         conns.push(TcpStream::connect(("127.0.0.1", s.port)).unwrap());
     }
     let mut fresh = s.connect();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !stats(&mut fresh).starts_with("{\"connections\":10001,") {
-        assert!(Instant::now() < deadline, "not all connections accepted");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_stats(
+        &mut fresh,
+        "{\"connections\":10001,",
+        Duration::from_secs(60),
+    );
     assert!(fresh.cmd("l", "k", "0").starts_with("ok "));
     // Every one of them is live.
     for c in conns.iter_mut().step_by(500) {

@@ -5,22 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Client, Server, stats, token_of};
-
-fn wait_for_stats(c: &mut Client, needle: &str) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let s = stats(c);
-        if s.contains(needle) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "stats never showed {needle}: {s}"
-        );
-        std::thread::sleep(Duration::from_millis(2));
-    }
-}
+use common::{Client, Server, stats, token_of, wait_for_stats};
 
 #[test]
 fn every_semaphore_command_and_status() {
@@ -74,7 +59,11 @@ fn nine_clients_on_limit_three_see_at_most_three_and_fifo() {
         if i < 3 {
             tokens[i] = Some(token_of(&c.line()));
         } else {
-            wait_for_stats(&mut admin, &format!("\"holders\":3,\"waiters\":{}", i - 2));
+            wait_for_stats(
+                &mut admin,
+                &format!("\"holders\":3,\"waiters\":{}", i - 2),
+                Duration::from_secs(5),
+            );
         }
     }
     // Release one at a time, oldest holder first; each release admits
@@ -91,7 +80,11 @@ fn nine_clients_on_limit_three_see_at_most_three_and_fifo() {
             assert!(j.contains("\"holders\":3"), "{j}");
         }
     }
-    wait_for_stats(&mut admin, "\"idle_semaphores\":[{\"key\":\"pool\"");
+    wait_for_stats(
+        &mut admin,
+        "\"idle_semaphores\":[{\"key\":\"pool\"",
+        Duration::from_secs(5),
+    );
 }
 
 #[test]

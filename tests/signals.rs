@@ -3,9 +3,9 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{Client, Server, stats};
+use common::{Client, Server, stats, wait_for_stats};
 
 fn listen(c: &mut Client, pattern: &str, group: &str) {
     assert_eq!(c.cmd("listen", pattern, group), "ok");
@@ -142,14 +142,8 @@ fn unlisten_and_disconnect_remove_subscriptions() {
     assert_eq!(next_sig(&mut l).0, "b");
     l.shutdown();
     drop(l);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !stats(&mut p).contains("\"signal_channels\":[]") {
-        assert!(
-            Instant::now() < deadline,
-            "subscriptions outlived the connection"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    // Subscriptions do not outlive the connection.
+    wait_for_stats(&mut p, "\"signal_channels\":[]", Duration::from_secs(5));
     assert_eq!(p.cmd("signal", "b", "x"), "ok 0");
 }
 

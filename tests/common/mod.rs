@@ -217,3 +217,19 @@ pub fn stats(c: &mut Client) -> String {
     let r = c.cmd("stats", "_", "_");
     r.strip_prefix("ok ").expect("stats reply").to_string()
 }
+
+/// Polls `stats` until it contains `needle`, failing after `within`.
+pub fn wait_for_stats(c: &mut Client, needle: &str, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let s = stats(c);
+        if s.contains(needle) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "stats never showed {needle}: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
