@@ -8,6 +8,36 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+/// The server binary. Cargo names it for this package's tests; the tests of
+/// other workspace crates (the client) find it beside their own test
+/// binary, in the same target directory, and build it there if missing.
+pub fn server_bin() -> std::path::PathBuf {
+    if let Some(p) = option_env!("CARGO_BIN_EXE_dflockd") {
+        return p.into();
+    }
+    static BUILD: std::sync::Once = std::sync::Once::new();
+    let exe = std::env::current_exe().expect("test binary path");
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("test binary in <target>/<profile>/deps");
+    let bin = profile_dir.join("dflockd");
+    BUILD.call_once(|| {
+        if bin.exists() {
+            return;
+        }
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "-p", "dflockd", "--bin", "dflockd"]);
+        if profile_dir.file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        let ok = cmd.status().map(|s| s.success()).unwrap_or(false);
+        assert!(ok, "could not build the dflockd binary");
+    });
+    bin
+}
+
 pub struct Server {
     pub child: Child,
     pub port: u16,
@@ -21,7 +51,7 @@ impl Server {
 
     #[allow(clippy::zombie_processes)] // waited for in Drop
     pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Server {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_dflockd"));
+        let mut cmd = Command::new(server_bin());
         cmd.args(["--port", "0"]).args(args);
         cmd.env_remove("RUST_LOG");
         for (k, v) in env {
