@@ -303,7 +303,7 @@ fn seconds(p: &mut lexopt::Parser, flag: &str) -> Result<Duration, Exit> {
     let v = string(p, flag)?;
     let s = v.strip_suffix('s').unwrap_or(&v);
     match s.parse::<f64>() {
-        Ok(x) if x.is_finite() && x >= 0.0 && x <= 9_223_372_036.0 => Ok(Duration::from_secs_f64(x)),
+        Ok(x) if (0.0..=9_223_372_036.0).contains(&x) => Ok(Duration::from_secs_f64(x)),
         _ => Err(Exit::Usage(format!(
             "{flag}: expected a number of seconds, got {v:?}"
         ))),
