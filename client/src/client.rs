@@ -277,6 +277,11 @@ impl Client {
     /// deliveries made.
     pub fn signal(&mut self, channel: &str, payload: &str) -> Result<u64> {
         check_field("channel", channel)?;
+        if channel.contains(['*', '>']) {
+            return Err(Error::InvalidInput(format!(
+                "wildcard in channel {channel:?} (only patterns have wildcards)"
+            )));
+        }
         if payload.trim().is_empty() || payload.contains(['\n', '\r']) || payload.len() > MAX_PAYLOAD {
             return Err(Error::InvalidInput(
                 "a payload is one non-blank line of at most 64 KiB".into(),

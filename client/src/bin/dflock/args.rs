@@ -182,17 +182,20 @@ pub fn parse(args: Vec<OsString>) -> Result<Invocation, Exit> {
     }
     let command = match name.as_str() {
         "lock" | "sem" => {
+            let shape = if name == "sem" { "KEY LIMIT" } else { "KEY" };
+            let Some(argv) = after else {
+                return Err(Exit::Usage(format!(
+                    "missing `--` before the command to run (dflock {name} {shape} [OPTIONS] -- CMD [ARGS...])"
+                )));
+            };
             let (key, limit) = match (name.as_str(), rest.as_slice()) {
                 ("lock", [key]) => (key.clone(), None),
                 ("sem", [key, limit]) => (key.clone(), Some(parse_limit(limit)?)),
-                ("lock", _) => return Err(Exit::Usage("usage: dflock lock KEY [OPTIONS] -- CMD [ARGS...]".into())),
-                _ => return Err(Exit::Usage("usage: dflock sem KEY LIMIT [OPTIONS] -- CMD [ARGS...]".into())),
-            };
-            let Some(argv) = after else {
-                return Err(Exit::Usage(format!(
-                    "missing `--` before the command to run (dflock {name} {} [OPTIONS] -- CMD [ARGS...])",
-                    if name == "sem" { "KEY LIMIT" } else { "KEY" }
-                )));
+                _ => {
+                    return Err(Exit::Usage(format!(
+                        "usage: dflock {name} {shape} [OPTIONS] -- CMD [ARGS...]"
+                    )));
+                }
             };
             if argv.is_empty() {
                 return Err(Exit::Usage("no command after `--`".into()));
@@ -229,8 +232,40 @@ pub fn parse(args: Vec<OsString>) -> Result<Invocation, Exit> {
         "shard" => return Err(Exit::Usage("usage: dflock shard KEY...".into())),
         other => return Err(Exit::Usage(format!("unknown command {other:?}"))),
     };
+    check_names(&command)?;
     let cfg = config(&raw)?;
     Ok(Invocation { cfg, command })
+}
+
+/// Keys, channels and patterns are caught here, before any connection.
+fn check_names(command: &Command) -> Result<(), Exit> {
+    let (what, name) = match command {
+        Command::Hold { key, .. } => ("KEY", key),
+        Command::Signal { channel, .. } => {
+            if channel.contains(['*', '>']) {
+                return Err(Exit::Usage(format!(
+                    "CHANNEL {channel:?} has a wildcard; only listen patterns do"
+                )));
+            }
+            ("CHANNEL", channel)
+        }
+        Command::Listen { pattern, .. } => ("PATTERN", pattern),
+        Command::Shard { keys } => match keys.iter().find(|k| bad_name(k)) {
+            Some(k) => ("KEY", k),
+            None => return Ok(()),
+        },
+        Command::Stats { .. } | Command::Ping => return Ok(()),
+    };
+    if bad_name(name) {
+        return Err(Exit::Usage(format!(
+            "{what} {name:?} must be 1 to 256 bytes without whitespace"
+        )));
+    }
+    Ok(())
+}
+
+fn bad_name(s: &str) -> bool {
+    s.is_empty() || s.len() > 256 || s.chars().any(char::is_whitespace)
 }
 
 fn parse_flags(args: Vec<OsString>) -> Result<Raw, Exit> {
