@@ -2,17 +2,18 @@
 CARGO ?= cargo
 PYTEST_ARGS ?=
 
-.PHONY: run build release test test-rust test-clients test-static test-sim test-fuzz static soak sim fuzz bench lint fmt clean
+.PHONY: run build release doc test test-rust test-clients test-static test-sim test-fuzz static soak sim fuzz bench lint fmt clean
 
 ## Run the server on its defaults (127.0.0.1:6388).
 run:
 	$(CARGO) run --release --bin dflockd
 
+## The server and the dflock command (target/debug/).
 build:
-	$(CARGO) build --bin dflockd
+	$(CARGO) build -p dflockd --bin dflockd -p dflockd-client --bin dflock
 
 release:
-	$(CARGO) build --release --bin dflockd
+	$(CARGO) build --release -p dflockd --bin dflockd -p dflockd-client --bin dflock
 
 ## Every test: unit, integration (real binary, real sockets), the published
 ## Python clients, the static binary alone in an empty root, one million
@@ -20,7 +21,8 @@ release:
 test: test-rust test-clients test-static test-sim test-fuzz
 
 test-rust:
-	$(CARGO) test --all-targets
+	$(CARGO) test --workspace --all-targets
+	$(CARGO) test -p dflockd-client --doc
 
 test-clients: build
 	bash tests/python/run.sh $(PYTEST_ARGS)
@@ -63,9 +65,13 @@ bench:
 	bash scripts/bench.sh
 	bash scripts/measure_memory.sh
 
-lint:
+lint: doc
 	$(CARGO) fmt --all -- --check
-	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+## API docs of the client library (warnings are errors).
+doc:
+	RUSTDOCFLAGS="-D warnings" $(CARGO) doc -p dflockd-client --no-deps
 
 fmt:
 	$(CARGO) fmt --all

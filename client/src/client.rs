@@ -230,7 +230,12 @@ impl Client {
     }
 
     /// `se`: joins the semaphore's queue and returns at once.
-    pub fn sem_enqueue(&mut self, key: &str, limit: u64, lease: Option<Duration>) -> Result<Enqueued> {
+    pub fn sem_enqueue(
+        &mut self,
+        key: &str,
+        limit: u64,
+        lease: Option<Duration>,
+    ) -> Result<Enqueued> {
         self.enqueue_cmd("se", key, Some(limit), lease)
     }
 
@@ -244,22 +249,25 @@ impl Client {
     /// `ping`: checks the server answers (and resets its idle timer).
     pub fn ping(&mut self) -> Result<()> {
         let reply = self.call("ping", "_", "", Blocks::No)?;
-        expect_ok("ping", &reply)
+        let r = expect_ok("ping", &reply);
+        self.settle(r)
     }
 
     /// `stats`, parsed.
     pub fn stats(&mut self) -> Result<Stats> {
         let raw = self.stats_json()?;
-        Stats::parse(&raw)
+        let r = Stats::parse(&raw);
+        self.settle(r)
     }
 
     /// `stats`: the JSON object as the server sent it.
     pub fn stats_json(&mut self) -> Result<String> {
         let reply = self.call("stats", "_", "", Blocks::No)?;
-        match reply.strip_prefix("ok ") {
+        let r = match reply.strip_prefix("ok ") {
             Some(json) => Ok(json.to_string()),
             None => Err(status_or_unexpected("stats", &reply)),
-        }
+        };
+        self.settle(r)
     }
 
     /// `listen`: subscribes to `pattern` (`*` one token, `>` the rest);
@@ -282,16 +290,20 @@ impl Client {
                 "wildcard in channel {channel:?} (only patterns have wildcards)"
             )));
         }
-        if payload.trim().is_empty() || payload.contains(['\n', '\r']) || payload.len() > MAX_PAYLOAD {
+        if payload.trim().is_empty()
+            || payload.contains(['\n', '\r'])
+            || payload.len() > MAX_PAYLOAD
+        {
             return Err(Error::InvalidInput(
                 "a payload is one non-blank line of at most 64 KiB".into(),
             ));
         }
         let reply = self.call("signal", channel, payload, Blocks::No)?;
-        match reply.strip_prefix("ok ").map(str::parse::<u64>) {
+        let r = match reply.strip_prefix("ok ").map(str::parse::<u64>) {
             Some(Ok(n)) => Ok(n),
             _ => Err(status_or_unexpected("signal", &reply)),
-        }
+        };
+        self.settle(r)
     }
 
     /// The next pushed signal: one already received, else waits up to
@@ -343,14 +355,16 @@ impl Client {
         }
         let reply = self.call(cmd, key, &arg, Blocks::Upto(t));
         self.arg = arg;
-        parse_grant(cmd, key, &reply?)
+        let r = parse_grant(cmd, key, &reply?);
+        self.settle(r)
     }
 
     fn release_cmd(&mut self, cmd: &str, key: &str, token: &str) -> Result<()> {
         check_field("key", key)?;
         check_field("token", token)?;
         let reply = self.call(cmd, key, token, Blocks::No)?;
-        expect_ok(cmd, &reply)
+        let r = expect_ok(cmd, &reply);
+        self.settle(r)
     }
 
     /// A renewal whose reply must come within `within` (default: the I/O
@@ -371,10 +385,11 @@ impl Client {
         };
         let deadline = Instant::now() + within.unwrap_or(self.cfg.io_timeout);
         let reply = self.call_until(cmd, key, &arg, Some(deadline))?;
-        match reply.strip_prefix("ok ").map(|s| s.trim().parse::<f64>()) {
+        let r = match reply.strip_prefix("ok ").map(|s| s.trim().parse::<f64>()) {
             Some(Ok(secs)) if secs >= 0.0 && secs.is_finite() => Ok(Duration::from_secs_f64(secs)),
             _ => Err(status_or_unexpected(cmd, &reply)),
-        }
+        };
+        self.settle(r)
     }
 
     fn enqueue_cmd(
@@ -399,17 +414,19 @@ impl Client {
         if reply == "queued" {
             return Ok(Enqueued::Queued);
         }
-        match reply.strip_prefix("acquired ") {
+        let r = match reply.strip_prefix("acquired ") {
             Some(rest) => parse_token_lease(cmd, key, rest, &reply).map(Enqueued::Acquired),
             None => Err(status_or_unexpected(cmd, &reply)),
-        }
+        };
+        self.settle(r)
     }
 
     fn wait_cmd(&mut self, cmd: &str, key: &str, timeout: Duration) -> Result<Grant> {
         check_field("key", key)?;
         let t = secs_ceil(timeout);
         let reply = self.call(cmd, key, &t.to_string(), Blocks::Upto(t))?;
-        parse_grant(cmd, key, &reply)
+        let r = parse_grant(cmd, key, &reply);
+        self.settle(r)
     }
 
     fn subscription(&mut self, cmd: &str, pattern: &str, group: Option<&str>) -> Result<()> {
@@ -419,7 +436,19 @@ impl Client {
             check_field("group", group)?;
         }
         let reply = self.call(cmd, pattern, group, Blocks::No)?;
-        expect_ok(cmd, &reply)
+        let r = expect_ok(cmd, &reply);
+        self.settle(r)
+    }
+
+    /// Closes the connection when a reply could not be understood (a
+    /// [`Error::Protocol`] from parsing it): the peer does not speak the
+    /// protocol, or is out of step, so the next reply could not be trusted
+    /// either. Status errors leave the connection open.
+    fn settle<T>(&mut self, r: Result<T>) -> Result<T> {
+        if matches!(&r, Err(e) if e.is_connection()) {
+            self.conn = None;
+        }
+        r
     }
 
     fn call(&mut self, cmd: &str, key: &str, arg: &str, blocks: Blocks) -> Result<String> {
@@ -582,12 +611,27 @@ mod tests {
     #[test]
     fn replies_parse() {
         let g = parse_grant("l", "k", "ok abc 33").unwrap();
-        assert_eq!((g.token.as_str(), g.lease), ("abc", Duration::from_secs(33)));
+        assert_eq!(
+            (g.token.as_str(), g.lease),
+            ("abc", Duration::from_secs(33))
+        );
         assert!(parse_grant("l", "k", "timeout").unwrap_err().is_timeout());
-        assert!(matches!(parse_grant("l", "k", "error_max_waiters"), Err(Error::MaxWaiters)));
-        assert!(matches!(parse_grant("l", "k", "ok abc"), Err(Error::Protocol(_))));
-        assert!(matches!(parse_grant("l", "k", "ok abc 1 2"), Err(Error::Protocol(_))));
-        assert!(matches!(parse_grant("l", "k", "HTTP/1.1 400"), Err(Error::Protocol(_))));
+        assert!(matches!(
+            parse_grant("l", "k", "error_max_waiters"),
+            Err(Error::MaxWaiters)
+        ));
+        assert!(matches!(
+            parse_grant("l", "k", "ok abc"),
+            Err(Error::Protocol(_))
+        ));
+        assert!(matches!(
+            parse_grant("l", "k", "ok abc 1 2"),
+            Err(Error::Protocol(_))
+        ));
+        assert!(matches!(
+            parse_grant("l", "k", "HTTP/1.1 400"),
+            Err(Error::Protocol(_))
+        ));
         assert_eq!(
             parse_signal("sig a.b hello world"),
             Some(Signal {

@@ -166,9 +166,9 @@ impl Tls {
         for cert in certs {
             let cert = cert
                 .map_err(|e| Error::Tls(format!("bad PEM in CA file {}: {e}", path.display())))?;
-            roots
-                .add(cert)
-                .map_err(|e| Error::Tls(format!("bad CA certificate in {}: {e}", path.display())))?;
+            roots.add(cert).map_err(|e| {
+                Error::Tls(format!("bad CA certificate in {}: {e}", path.display()))
+            })?;
         }
         if roots.is_empty() {
             return Err(Error::Tls(format!(

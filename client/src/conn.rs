@@ -91,7 +91,9 @@ impl Conn {
                 let mut s = StreamOwned::new(conn, tcp);
                 set_read_deadline(&s.sock, Some(deadline))?;
                 while s.conn.is_handshaking() {
-                    s.conn.complete_io(&mut s.sock).map_err(|e| tls_error(e, addr))?;
+                    s.conn
+                        .complete_io(&mut s.sock)
+                        .map_err(|e| tls_error(e, addr))?;
                 }
                 Stream::Tls(Box::new(s))
             }
@@ -219,7 +221,10 @@ fn connect_tcp(addr: &str, timeout: Duration) -> Result<TcpStream> {
         .to_socket_addrs()
         .map_err(|e| io::Error::new(e.kind(), format!("cannot resolve {addr}: {e}")))?
         .collect();
-    let mut last = io::Error::new(io::ErrorKind::NotFound, format!("{addr} resolves to nothing"));
+    let mut last = io::Error::new(
+        io::ErrorKind::NotFound,
+        format!("{addr} resolves to nothing"),
+    );
     for sa in addrs {
         match TcpStream::connect_timeout(&sa, timeout) {
             Ok(s) => return Ok(s),

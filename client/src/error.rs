@@ -143,7 +143,9 @@ impl fmt::Display for Error {
             }
             Error::Tls(why) => write!(f, "TLS: {why}"),
             Error::Io(e) => write!(f, "connection: {e}"),
-            Error::NotConnected => f.write_str("not connected (an earlier call broke the connection)"),
+            Error::NotConnected => {
+                f.write_str("not connected (an earlier call broke the connection)")
+            }
         }
     }
 }

@@ -146,7 +146,12 @@ struct Holding {
 }
 
 impl Holding {
-    fn acquire(cfg: &Config, key: &str, limit: Option<u64>, opts: &GuardOptions) -> Result<Holding> {
+    fn acquire(
+        cfg: &Config,
+        key: &str,
+        limit: Option<u64>,
+        opts: &GuardOptions,
+    ) -> Result<Holding> {
         let mut client = Client::connect_for_key(cfg, key)?;
         let grant = match limit {
             None => client.lock(key, opts.timeout, opts.lease)?,
@@ -271,10 +276,13 @@ impl Renewer {
                 return self.lose(LostReason::Expired);
             }
             let within = expires - sent;
-            let r = self
-                .shared
-                .client()
-                .renew_cmd(self.cmd, &self.key, &self.token, self.lease, Some(within));
+            let r = self.shared.client().renew_cmd(
+                self.cmd,
+                &self.key,
+                &self.token,
+                self.lease,
+                Some(within),
+            );
             match r {
                 Ok(l) => {
                     expires = sent + l;
@@ -284,7 +292,8 @@ impl Renewer {
                 Err(Error::Refused | Error::LeaseExpired) => return self.lose(LostReason::Refused),
                 Err(Error::Unavailable | Error::Draining) => {
                     // A cluster electing a leader: try again soon.
-                    next = Instant::now() + (within / 8).clamp(Duration::from_millis(20), Duration::from_millis(500));
+                    next = Instant::now()
+                        + (within / 8).clamp(Duration::from_millis(20), Duration::from_millis(500));
                 }
                 Err(e) if e.is_connection() => {
                     let mut c = self.shared.client();
@@ -438,12 +447,16 @@ impl Semaphore {
 
 impl fmt::Debug for Lock {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Lock").field("grant", &self.0.grant).finish()
+        f.debug_struct("Lock")
+            .field("grant", &self.0.grant)
+            .finish()
     }
 }
 
 impl fmt::Debug for Semaphore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Semaphore").field("grant", &self.0.grant).finish()
+        f.debug_struct("Semaphore")
+            .field("grant", &self.0.grant)
+            .finish()
     }
 }

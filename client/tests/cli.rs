@@ -578,7 +578,7 @@ fn signal_and_listen_with_groups() {
         // The plain listener and one member of the group.
         assert_eq!(text(&out.stdout), "2\n");
     }
-    let mut read_lines = |child: &mut Child, n: usize| -> Vec<String> {
+    let read_lines = |child: &mut Child, n: usize| -> Vec<String> {
         let mut r = BufReader::new(child.stdout.take().unwrap());
         let lines: Vec<String> = (0..n)
             .map(|_| {

@@ -36,6 +36,9 @@ COMMANDS:
     ping     Check that every server answers; prints the round trip.
     shard    Print the shard index and addresses that hold each KEY.
 
+    For commands other than lock and sem, `--` ends the options, for a KEY,
+    CHANNEL or PAYLOAD that starts with `-`.
+
 COMMAND OPTIONS:
     -t, --timeout S      lock/sem: give up after S seconds (0 = try once);
                          default: wait without limit
@@ -150,20 +153,30 @@ pub fn parse(args: Vec<OsString>) -> Result<Invocation, Exit> {
         None => (args, None),
     };
     let raw = parse_flags(before)?;
-    let mut pos = raw.positionals.iter().cloned();
+    let mut positionals = raw.positionals.clone();
+    let is_hold = matches!(
+        positionals.first().map(String::as_str),
+        Some("lock" | "sem")
+    );
+    let after = match after {
+        // Other commands take `--` to end options: `dflock shard -- -odd-key`.
+        Some(extra) if !is_hold => {
+            for a in extra {
+                positionals.push(
+                    a.into_string()
+                        .map_err(|a| Exit::Usage(format!("argument {a:?} is not UTF-8")))?,
+                );
+            }
+            None
+        }
+        other => other,
+    };
+    let mut pos = positionals.into_iter();
     let Some(name) = pos.next() else {
         return Err(Exit::Usage("no command given".into()));
     };
     let rest: Vec<String> = pos.collect();
-    let is_hold = name == "lock" || name == "sem";
     if !is_hold {
-        if let Some(after) = &after {
-            if !after.is_empty() {
-                return Err(Exit::Usage(format!(
-                    "`--` is only for `lock` and `sem`, not `{name}`"
-                )));
-            }
-        }
         for (set, flag) in [
             (raw.timeout.is_some(), "--timeout"),
             (raw.lease.is_some(), "--lease"),
@@ -214,14 +227,22 @@ pub fn parse(args: Vec<OsString>) -> Result<Invocation, Exit> {
                 channel: channel.clone(),
                 payload: payload.join(" "),
             },
-            _ => return Err(Exit::Usage("usage: dflock signal CHANNEL PAYLOAD...".into())),
+            _ => {
+                return Err(Exit::Usage(
+                    "usage: dflock signal CHANNEL PAYLOAD...".into(),
+                ));
+            }
         },
         "listen" => match rest.as_slice() {
             [pattern] => Command::Listen {
                 pattern: pattern.clone(),
                 group: raw.group.clone(),
             },
-            _ => return Err(Exit::Usage("usage: dflock listen PATTERN [--group G]".into())),
+            _ => {
+                return Err(Exit::Usage(
+                    "usage: dflock listen PATTERN [--group G]".into(),
+                ));
+            }
         },
         "stats" if rest.is_empty() => Command::Stats { json: raw.json },
         "ping" if rest.is_empty() => Command::Ping,

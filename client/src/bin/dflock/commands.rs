@@ -147,7 +147,11 @@ fn print_table(addr: &str, s: &Stats) {
             .map(|c| {
                 [
                     c.pattern.clone(),
-                    if c.group.is_empty() { "-".into() } else { c.group.clone() },
+                    if c.group.is_empty() {
+                        "-".into()
+                    } else {
+                        c.group.clone()
+                    },
                     c.listeners.to_string(),
                 ]
             })

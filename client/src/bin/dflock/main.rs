@@ -44,9 +44,7 @@ pub fn status_for(e: &Error) -> u8 {
         Error::Auth => status::AUTH,
         Error::InvalidInput(_) => status::USAGE,
         Error::Protocol(_) => status::PROTOCOL,
-        Error::Unreachable { last, .. } if matches!(**last, Error::Protocol(_)) => {
-            status::PROTOCOL
-        }
+        Error::Unreachable { last, .. } if matches!(**last, Error::Protocol(_)) => status::PROTOCOL,
         Error::Unreachable { .. } | Error::Io(_) | Error::NotConnected | Error::Tls(_) => {
             status::UNAVAILABLE
         }

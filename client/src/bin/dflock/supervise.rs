@@ -76,11 +76,9 @@ pub fn run(
 ) -> u8 {
     let (tx, rx) = mpsc::channel::<Event>();
     let lost_tx = tx.clone();
-    let mut opts = GuardOptions::new()
-        .timeout(timeout)
-        .on_lost(move |why| {
-            let _ = lost_tx.send(Event::Lost(why.clone()));
-        });
+    let mut opts = GuardOptions::new().timeout(timeout).on_lost(move |why| {
+        let _ = lost_tx.send(Event::Lost(why.clone()));
+    });
     if let Some(l) = lease {
         opts = opts.lease(l);
     }
@@ -161,7 +159,10 @@ pub fn run(
     // A loss reported while the command was finishing still counts.
     match lost.or_else(|| held.lost()) {
         Some(why) => {
-            eprintln!("dflock: {what} was lost while {program} ran ({why}); exiting with {}", status::LOST);
+            eprintln!(
+                "dflock: {what} was lost while {program} ran ({why}); exiting with {}",
+                status::LOST
+            );
             drop(held);
             status::LOST
         }
