@@ -704,3 +704,40 @@ fn a_missing_command_exits_127_and_releases() {
     let mut raw = s.connect();
     assert!(raw.cmd("l", "k", "0").starts_with("ok "));
 }
+
+#[test]
+fn a_holder_paused_past_its_lease_stops_its_command_when_it_wakes() {
+    let s = Server::start(&[]);
+    let dir = TempDir::new("paused");
+    let (ready, got) = (dir.file("ready"), dir.file("got"));
+    let script = format!(
+        "trap 'echo TERM > {got}; exit 5' TERM; echo up > {ready}; while :; do sleep 0.05; done",
+        got = got.display(),
+        ready = ready.display()
+    );
+    let mut c = dflock(&s);
+    c.args(["lock", "paused", "--lease", "1"]).args(sh(&script));
+    c.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let child = c.spawn().unwrap();
+    wait_for_file(&ready, Duration::from_secs(10));
+    let pid = child.id().to_string();
+    let kill = |sig: &str| {
+        assert!(
+            Command::new("kill")
+                .args([sig, &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+    };
+    // Freeze dflock (not its command) past the lease: the server lets the
+    // lease run out and grants the lock to the next in line.
+    kill("-STOP");
+    let mut next = s.connect();
+    let reply = next.cmd("l", "paused", "5");
+    assert!(reply.starts_with("ok "), "{reply}");
+    kill("-CONT");
+    let out = finish(child, Duration::from_secs(10));
+    assert_status(&out, 79);
+    assert_eq!(std::fs::read_to_string(&got).unwrap(), "TERM\n");
+}
