@@ -444,8 +444,11 @@ impl Client {
     /// [`Error::Protocol`] from parsing it): the peer does not speak the
     /// protocol, or is out of step, so the next reply could not be trusted
     /// either. Status errors leave the connection open.
+    /// Closes the connection after an error that leaves it unusable: a
+    /// broken or desynchronised stream, or `error_auth` (the server closes
+    /// the connection itself).
     fn settle<T>(&mut self, r: Result<T>) -> Result<T> {
-        if matches!(&r, Err(e) if e.is_connection()) {
+        if matches!(&r, Err(e) if e.is_connection() || matches!(e, Error::Auth)) {
             self.conn = None;
         }
         r

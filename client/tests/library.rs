@@ -7,17 +7,16 @@ mod common;
 
 use std::io::{self, BufRead, BufReader, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::Server;
+use common::pki::{Pki, tls_server};
 use dflockd_client::{
     Client, Config, Enqueued, Error, GuardOptions, Lock, LostReason, Semaphore, Servers, Tls,
     crc32, shard_index,
 };
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
 
 const ZERO: Duration = Duration::ZERO;
 
@@ -58,13 +57,28 @@ fn poll_until(within: Duration, what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
-/// An address nothing listens on: a port the kernel just gave out and
-/// that was closed again.
-fn dead_addr() -> String {
+/// An address nothing listens on, while it lives.
+///
+/// A port bound and then closed again (`127.0.0.1:0`, drop) may be handed
+/// to the next `bind(0)` of a test running in parallel, and then accepts
+/// connections (seen once in about twenty runs with 30 test threads).
+/// This holds the port instead as the local end of a connected socket:
+/// nothing listens there, so connecting is refused, and no listener can be
+/// bound to it (`EADDRINUSE`) until the socket is dropped.
+struct DeadAddr {
+    addr: String,
+    _hold: [TcpStream; 2],
+}
+
+fn dead_addr() -> DeadAddr {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap().to_string();
-    drop(l);
-    addr
+    let s = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+    let (peer, _) = l.accept().unwrap();
+    let addr = s.local_addr().unwrap().to_string();
+    DeadAddr {
+        addr,
+        _hold: [s, peer],
+    }
 }
 
 fn assert_timeout<T: std::fmt::Debug>(r: dflockd_client::Result<T>) {
@@ -117,7 +131,7 @@ fn try_once_times_out_while_held_and_a_blocking_lock_gets_the_release() {
     assert_timeout(b.lock("k", ZERO, None));
     assert!(t0.elapsed() < secs(1), "try-once must not wait");
     // A waiting `l` with a timeout gets the lock when the holder releases.
-    let (b, released_at, got) = std::thread::scope(|sc| {
+    let (mut b, got) = std::thread::scope(|sc| {
         let h = sc.spawn(move || {
             let r = b.lock("k", secs(4), None);
             (b, Instant::now(), r)
@@ -127,11 +141,9 @@ fn try_once_times_out_while_held_and_a_blocking_lock_gets_the_release() {
         a.release("k", &g.token).unwrap();
         let (b, got_at, r) = h.join().unwrap();
         assert!(got_at >= released, "granted before the release");
-        (b, released, r.unwrap())
+        (b, r.unwrap())
     });
-    let _ = released_at;
     assert_eq!(got.key, "k");
-    let mut b = b;
     b.release("k", &got.token).unwrap();
     // A waiting `l` that runs out gets Timeout after its timeout.
     let g = a.lock("k", ZERO, None).unwrap();
@@ -198,7 +210,7 @@ fn enqueue_queues_and_wait_collects_the_grant() {
     let ga = a.lock("k", ZERO, None).unwrap();
     assert_eq!(b.enqueue("k", Some(secs(5))).unwrap(), Enqueued::Queued);
     // `wait` blocks until the holder releases.
-    let (b, gb) = std::thread::scope(|sc| {
+    let (mut b, gb) = std::thread::scope(|sc| {
         let h = sc.spawn(move || {
             let r = b.wait("k", secs(4));
             (b, Instant::now(), r)
@@ -213,7 +225,6 @@ fn enqueue_queues_and_wait_collects_the_grant() {
     assert_eq!((gb.key.as_str(), gb.lease), ("k", secs(5)));
     assert!(gb.fence().unwrap() > ga.fence().unwrap());
     // The grant was settled: another wait is not enqueued.
-    let mut b = b;
     assert!(matches!(b.wait("k", ZERO), Err(Error::NotEnqueued)));
 
     // A grant made before `wait` is collected at once.
@@ -262,7 +273,10 @@ fn semaphore_calls_with_limit_two() {
     // Both slots taken: a third holder times out.
     assert_timeout(c.sem_acquire("pool", 2, ZERO, None));
     assert_timeout(c.sem_acquire("pool", 2, secs(1), None));
-    assert_eq!(a.sem_renew("pool", &ga.token, Some(secs(3))).unwrap(), secs(3));
+    assert_eq!(
+        a.sem_renew("pool", &ga.token, Some(secs(3))).unwrap(),
+        secs(3)
+    );
     assert_eq!(a.sem_renew("pool", &ga.token, None).unwrap(), secs(6));
     let st = c.stats().unwrap();
     let sem = st.semaphores.iter().find(|x| x.key == "pool").unwrap();
@@ -300,7 +314,10 @@ fn limit_mismatch() {
     let mut a = client(&s);
     let mut b = client(&s);
     let g = a.sem_acquire("pool", 3, ZERO, None).unwrap();
-    assert!(matches!(b.lock("pool", ZERO, None), Err(Error::LimitMismatch)));
+    assert!(matches!(
+        b.lock("pool", ZERO, None),
+        Err(Error::LimitMismatch)
+    ));
     assert!(matches!(b.enqueue("pool", None), Err(Error::LimitMismatch)));
     assert!(matches!(
         b.sem_acquire("pool", 2, ZERO, None),
@@ -334,7 +351,10 @@ fn max_waiters() {
     assert!(matches!(c.enqueue("k", None), Err(Error::MaxWaiters)));
     let t0 = Instant::now();
     assert!(matches!(c.lock("k", secs(3), None), Err(Error::MaxWaiters)));
-    assert!(t0.elapsed() < secs(1), "MaxWaiters must be answered at once");
+    assert!(
+        t0.elapsed() < secs(1),
+        "MaxWaiters must be answered at once"
+    );
     // Once the waiter is granted, the queue has room again.
     a.release("k", &g.token).unwrap();
     let gb = b.wait("k", secs(2)).unwrap();
@@ -375,7 +395,10 @@ fn release_with_a_wrong_token_is_refused() {
     // A token of another key does not release this one.
     assert!(matches!(b.release("k", &other.token), Err(Error::Refused)));
     assert!(matches!(b.renew("k", &bogus, None), Err(Error::Refused)));
-    assert!(matches!(b.release("never-seen", &bogus), Err(Error::Refused)));
+    assert!(matches!(
+        b.release("never-seen", &bogus),
+        Err(Error::Refused)
+    ));
     // Still held.
     assert_timeout(b.lock("k", ZERO, None));
     assert!(b.is_connected());
@@ -527,7 +550,10 @@ fn signals_are_delivered_apart_from_replies() {
         std::thread::sleep(ms(100));
         assert_eq!(p.signal("jobs.late", "x").unwrap(), 1);
         let sig = h.join().unwrap().unwrap().expect("the late signal");
-        assert_eq!((sig.channel.as_str(), sig.payload.as_str()), ("jobs.late", "x"));
+        assert_eq!(
+            (sig.channel.as_str(), sig.payload.as_str()),
+            ("jobs.late", "x")
+        );
     });
     // Unlisten stops delivery.
     l.unlisten("jobs.*", None).unwrap();
@@ -603,7 +629,10 @@ fn signal_groups_deliver_to_one_member() {
     // A member leaving the group: the other gets everything.
     g1.unlisten("jobs.*", Some("workers")).unwrap();
     assert_eq!(p.signal("jobs.c", "three").unwrap(), 2);
-    assert_eq!(g2.next_signal(Some(secs(2))).unwrap().unwrap().payload, "three");
+    assert_eq!(
+        g2.next_signal(Some(secs(2))).unwrap().unwrap().payload,
+        "three"
+    );
     assert_eq!(g1.next_signal(Some(ms(100))).unwrap(), None);
 }
 
@@ -636,6 +665,8 @@ fn invalid_input_is_refused_before_sending() {
     invalid(c.signal("ch", "").map(drop), "empty payload");
     invalid(c.signal("ch", "   ").map(drop), "blank payload");
     invalid(c.signal("a b", "x").map(drop), "space in channel");
+    invalid(c.signal("a.*", "x").map(drop), "wildcard in channel");
+    invalid(c.signal("a.>", "x").map(drop), "wildcard in channel");
     invalid(
         c.signal("ch", &"p".repeat(64 * 1024 + 1)).map(drop),
         "payload over 64 KiB",
@@ -649,9 +680,8 @@ fn invalid_input_is_refused_before_sending() {
     c.release("k", &g.token).unwrap();
     // A payload of exactly 64 KiB is accepted.
     assert_eq!(c.signal("ch", &"p".repeat(64 * 1024)).unwrap(), 0);
-    // What the server refuses (a wildcard in a channel) is Refused, and
-    // the connection stays in step.
-    assert!(matches!(c.signal("a.*", "x"), Err(Error::Refused)));
+    // What the server refuses (an empty token in a pattern) is Refused,
+    // and the connection stays in step.
     assert!(matches!(c.listen("a..b", None), Err(Error::Refused)));
     c.ping().unwrap();
     assert!(c.is_connected());
@@ -685,27 +715,18 @@ fn auth_token() {
     ));
 
     // No token: connecting sends nothing, so it succeeds; the first call
-    // gets `error_auth`, and the server closes the connection about 100 ms
-    // later, so the call after that finds it closed.
+    // gets `error_auth`, which also closes the client's connection (the
+    // server closes its end about 100 ms later).
     let mut none = Client::connect(&cfg(&s)).unwrap();
     match none.ping() {
         Err(Error::Auth) => {}
         other => panic!("expected Auth, got {other:?}"),
     }
-    let t0 = Instant::now();
-    match none.ping() {
-        Err(Error::Io(e)) => assert!(
-            matches!(
-                e.kind(),
-                io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset
-            ),
-            "{e:?}"
-        ),
-        other => panic!("expected a closed connection, got {other:?}"),
-    }
-    assert!(t0.elapsed() < secs(2));
     assert!(!none.is_connected());
     assert!(matches!(none.ping(), Err(Error::NotConnected)));
+    // Reconnecting without a token meets the same refusal.
+    none.reconnect().unwrap();
+    assert!(matches!(none.ping(), Err(Error::Auth)));
 
     // A token for a server that has none configured.
     let open = Server::start(&[]);
@@ -721,60 +742,6 @@ fn auth_token() {
 // TLS
 // ---------------------------------------------------------------------------
 
-/// CAs and leaf certificates for `localhost`, written as PEM.
-struct Pki {
-    dir: PathBuf,
-}
-
-impl Pki {
-    fn new(name: &str) -> Pki {
-        let dir = std::env::temp_dir().join(format!(
-            "dflockd-client-tls-{name}-{}",
-            std::process::id()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        let pki = Pki { dir };
-        pki.issue("a");
-        pki
-    }
-
-    /// `<tag>-ca.pem`, and `<tag>-cert.pem` / `<tag>-key.pem` it signed.
-    fn issue(&self, tag: &str) {
-        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca_params
-            .distinguished_name
-            .push(DnType::CommonName, format!("dflockd client test CA {tag}"));
-        let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
-        let leaf_key = KeyPair::generate().unwrap();
-        let leaf = CertificateParams::new(vec!["localhost".to_string()])
-            .unwrap()
-            .signed_by(&leaf_key, &ca)
-            .unwrap();
-        std::fs::write(self.path(&format!("{tag}-ca.pem")), ca.pem()).unwrap();
-        std::fs::write(self.path(&format!("{tag}-cert.pem")), leaf.pem()).unwrap();
-        std::fs::write(
-            self.path(&format!("{tag}-key.pem")),
-            leaf_key.serialize_pem(),
-        )
-        .unwrap();
-    }
-
-    fn path(&self, file: &str) -> PathBuf {
-        self.dir.join(file)
-    }
-
-    fn s(&self, file: &str) -> String {
-        self.path(file).to_string_lossy().into_owned()
-    }
-}
-
-impl Drop for Pki {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 fn expect_unreachable_because(r: dflockd_client::Result<Client>, what: &str) -> Error {
     match r {
         Err(Error::Unreachable { last, .. }) => *last,
@@ -785,14 +752,16 @@ fn expect_unreachable_because(r: dflockd_client::Result<Client>, what: &str) -> 
 
 #[test]
 fn tls() {
-    let pki = Pki::new("lib");
+    let pki = Pki::new("client-lib");
     pki.issue("b");
-    let (cert, key) = (pki.s("a-cert.pem"), pki.s("a-key.pem"));
-    let s = Server::start(&["--tls-cert", &cert, "--tls-key", &key]);
+    let s = tls_server(&pki, &[]);
     let ca = pki.path("a-ca.pem");
 
     // The right CA, dialling 127.0.0.1 and checking the name `localhost`.
-    let tls = Tls::with_ca_file(&ca).unwrap().server_name("localhost").unwrap();
+    let tls = Tls::with_ca_file(&ca)
+        .unwrap()
+        .server_name("localhost")
+        .unwrap();
     let mut c = Client::connect(&cfg(&s).tls(tls)).unwrap();
     c.ping().unwrap();
     let g = c.lock("k", ZERO, None).unwrap();
@@ -811,7 +780,10 @@ fn tls() {
         Client::connect(&cfg(&s).tls(Tls::with_ca_file(&ca).unwrap())),
         "name mismatch",
     );
-    assert!(matches!(last, Error::Tls(_)), "{last:?}");
+    match &last {
+        Error::Tls(why) => assert!(why.contains("not valid for name"), "{why}"),
+        e => panic!("name mismatch: expected Tls, got {e:?}"),
+    }
 
     // Another CA.
     let other = Tls::with_ca_file(pki.path("b-ca.pem"))
@@ -820,7 +792,7 @@ fn tls() {
         .unwrap();
     let last = expect_unreachable_because(Client::connect(&cfg(&s).tls(other)), "wrong CA");
     match &last {
-        Error::Tls(why) => assert!(why.contains("certificate"), "{why}"),
+        Error::Tls(why) => assert!(why.contains("UnknownIssuer"), "{why}"),
         e => panic!("wrong CA: expected Tls, got {e:?}"),
     }
 
@@ -840,25 +812,34 @@ fn tls() {
     let g = c.lock("k", ZERO, None).unwrap();
     c.release("k", &g.token).unwrap();
 
-    // A plain client on the TLS port fails at its first call, quickly.
+    // A plain client on the TLS port: connecting sends nothing, so it
+    // succeeds; the server drops the connection at the first request (no
+    // TLS alert ends in a newline), so the call sees the close at once
+    // rather than waiting for its timeout.
     let plain = cfg(&s).connect_timeout(secs(1)).io_timeout(secs(1));
     let mut c = Client::connect(&plain).unwrap();
     let t0 = Instant::now();
-    let e = c.ping().unwrap_err();
-    assert!(t0.elapsed() < ms(1500), "took {:?}", t0.elapsed());
-    assert!(e.is_connection(), "{e:?}");
+    match c.ping() {
+        Err(Error::Io(e)) => assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof, "{e:?}"),
+        other => panic!("plain to TLS: expected a closed connection, got {other:?}"),
+    }
+    assert!(t0.elapsed() < secs(1), "took {:?}", t0.elapsed());
     assert!(!c.is_connected());
     assert!(matches!(c.ping(), Err(Error::NotConnected)));
 
-    // A TLS client on a plain port fails in the handshake, quickly.
+    // A TLS client on a plain port: the server takes the ClientHello for
+    // the start of a request and waits for the rest, so the handshake runs
+    // into the connect timeout (or, should the hello's random bytes hold
+    // enough newlines to form a request, fails on the `error` reply).
+    // Either way a Tls error, bounded by the connect timeout.
     let p = Server::start(&[]);
     let t0 = Instant::now();
     let last = expect_unreachable_because(
         Client::connect(&cfg(&p).connect_timeout(secs(1)).tls(Tls::insecure())),
         "TLS to a plain server",
     );
-    assert!(t0.elapsed() < ms(1500), "took {:?}", t0.elapsed());
-    assert!(last.is_connection(), "{last:?}");
+    assert!(t0.elapsed() < ms(2500), "took {:?}", t0.elapsed());
+    assert!(matches!(last, Error::Tls(_)), "{last:?}");
 }
 
 // ---------------------------------------------------------------------------
@@ -896,8 +877,11 @@ fn draining_refuses_new_work() {
     c.ping().unwrap();
     assert_eq!(c.stats().unwrap().locks.len(), 1);
     assert_eq!(holder.renew("held", &g.token, None).unwrap(), secs(33));
-    // New connections are refused.
-    expect_unreachable_because(Client::connect(&cfg(&s)), "connect while draining");
+    // New connections are refused (the listener is closed).
+    match expect_unreachable_because(Client::connect(&cfg(&s)), "connect while draining") {
+        Error::Io(e) => assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused),
+        e => panic!("expected a refused connection, got {e:?}"),
+    }
     // The server exits once nothing is held.
     holder.release("held", &g.token).unwrap();
     assert_eq!(s.wait_exit(secs(3)), Some(0));
@@ -909,7 +893,8 @@ fn draining_refuses_new_work() {
 
 #[test]
 fn unreachable_and_failover() {
-    let dead = dead_addr();
+    let hold = dead_addr();
+    let dead = hold.addr.clone();
     match Client::connect(&cfg_for(&dead)) {
         Err(Error::Unreachable { addrs, last }) => {
             assert_eq!(addrs, vec![dead.clone()]);
@@ -922,7 +907,8 @@ fn unreachable_and_failover() {
     }
     let s = Server::start(&[]);
     let live = s.addr();
-    let cluster = cfg_for(&dead).with_servers(Servers::single([dead.clone(), live.clone()]).unwrap());
+    let cluster =
+        cfg_for(&dead).with_servers(Servers::single([dead.clone(), live.clone()]).unwrap());
     let mut c = Client::connect(&cluster).unwrap();
     assert_eq!(c.peer(), Some(live.as_str()));
     c.ping().unwrap();
@@ -934,7 +920,8 @@ fn unreachable_and_failover() {
     assert_eq!(c.peer(), Some(live.as_str()));
     c.ping().unwrap();
     // Every address dead: all are reported.
-    let dead2 = dead_addr();
+    let hold2 = dead_addr();
+    let dead2 = hold2.addr.clone();
     let all_dead = cfg_for(&format!("{dead}|{dead2}"));
     match Client::connect(&all_dead) {
         Err(Error::Unreachable { addrs, .. }) => assert_eq!(addrs, vec![dead, dead2]),
@@ -987,7 +974,10 @@ fn a_peer_speaking_http_is_a_protocol_error() {
     assert!(!c.is_connected());
     assert!(matches!(c.ping(), Err(Error::NotConnected)));
     assert!(matches!(c.lock("k", ZERO, None), Err(Error::NotConnected)));
-    assert!(matches!(c.next_signal(Some(ZERO)), Err(Error::NotConnected)));
+    assert!(matches!(
+        c.next_signal(Some(ZERO)),
+        Err(Error::NotConnected)
+    ));
     c.reconnect().unwrap();
     assert!(c.is_connected());
     let e = c.lock("k", ZERO, None).unwrap_err();
@@ -1000,17 +990,29 @@ fn a_peer_speaking_http_is_a_protocol_error() {
 
 #[test]
 fn a_peer_that_hangs_up_is_a_connection_error() {
+    // The peer closes before or after the request arrives: the client
+    // sees an EOF or a reset (or a broken pipe when writing after the
+    // reset came back).
+    let closed = |e: &Error| match e {
+        Error::Io(e) => matches!(
+            e.kind(),
+            io::ErrorKind::UnexpectedEof
+                | io::ErrorKind::ConnectionReset
+                | io::ErrorKind::BrokenPipe
+        ),
+        _ => false,
+    };
     let addr = fake_server(None);
     let mut c = Client::connect(&cfg_for(&addr)).unwrap();
     let e = c.ping().unwrap_err();
     assert!(e.is_connection(), "{e:?}");
-    assert!(matches!(e, Error::Io(_)), "{e:?}");
+    assert!(closed(&e), "{e:?}");
     assert!(!c.is_connected());
     assert!(matches!(c.ping(), Err(Error::NotConnected)));
     assert!(matches!(c.lock("k", ZERO, None), Err(Error::NotConnected)));
     c.reconnect().unwrap();
     let e = c.lock("k", ZERO, None).unwrap_err();
-    assert!(matches!(e, Error::Io(_)), "{e:?}");
+    assert!(closed(&e), "{e:?}");
     assert!(matches!(c.ping(), Err(Error::NotConnected)));
 }
 
@@ -1027,7 +1029,7 @@ fn hold_across_renewals(cfg: &Config, key: &str, lease: Duration) {
     assert_eq!((lock.key(), lock.lease()), (key, lease));
     assert!(lock.fence().is_some());
     let mut other = Client::connect(cfg).unwrap();
-    let until = Instant::now() + lease.mul_f64(2.6);
+    let until = Instant::now() + lease.mul_f64(2.55);
     while Instant::now() < until {
         assert_eq!(lock.lost(), None, "lease {lease:?}");
         assert_timeout(other.lock(key, ZERO, None));
@@ -1042,7 +1044,9 @@ fn hold_across_renewals(cfg: &Config, key: &str, lease: Duration) {
     // Nothing lost: wait_lost times out.
     assert_eq!(lock.wait_lost(Some(ms(10))), None);
     drop(lock);
-    let g = other.lock(key, ZERO, None).expect("free once the guard is dropped");
+    let g = other
+        .lock(key, ZERO, None)
+        .expect("free once the guard is dropped");
     other.release(key, &g.token).unwrap();
 }
 
@@ -1129,15 +1133,21 @@ fn guard_reports_a_release_by_someone_else() {
 fn guard_reports_a_dead_server() {
     let mut s = Server::start(&[]);
     let (opts, seen) = recording_opts(secs(1));
+    // Renewing every 100 ms keeps short the time between the kill and the
+    // reconnect, during which a parallel test could be given the freed
+    // port.
+    let opts = opts.renew_ratio(0.1);
     let lock = Lock::acquire(&cfg(&s), "k", &opts).unwrap();
+    poll_until(secs(2), "a first renewal", || lock.renewals() >= 1);
     s.child.kill().unwrap();
     s.child.wait().unwrap();
     let t0 = Instant::now();
     match lock.wait_lost(Some(secs(4))) {
-        Some(LostReason::Disconnected(why)) => assert!(!why.is_empty()),
+        // The reconnect found nothing listening any more.
+        Some(LostReason::Disconnected(why)) => assert!(why.contains("refused"), "{why}"),
         other => panic!("expected Disconnected, got {other:?}"),
     }
-    assert!(t0.elapsed() < secs(2), "noticed after {:?}", t0.elapsed());
+    assert!(t0.elapsed() < secs(1), "noticed after {:?}", t0.elapsed());
     assert!(matches!(lock.lost(), Some(LostReason::Disconnected(_))));
     // The release cannot be confirmed.
     assert!(lock.release().is_err());
@@ -1226,13 +1236,18 @@ fn pump(mut from: TcpStream, mut to: TcpStream) {
 fn guard_reattaches_through_another_address() {
     let s = Server::start(&["--no-auto-release-on-disconnect"]);
     let proxy = Proxy::start(s.addr());
-    let cluster =
-        cfg(&s).with_servers(Servers::single([proxy.addr.clone(), s.addr()]).unwrap());
+    let cluster = cfg(&s).with_servers(Servers::single([proxy.addr.clone(), s.addr()]).unwrap());
     let (opts, seen) = recording_opts(secs(1));
     let lock = Lock::acquire(&cluster, "k", &opts).unwrap();
-    assert_eq!(proxy.accepted.load(Ordering::SeqCst), 1, "acquired through the proxy");
+    assert_eq!(
+        proxy.accepted.load(Ordering::SeqCst),
+        1,
+        "acquired through the proxy"
+    );
     let mut other = client(&s);
-    poll_until(secs(3), "a renewal through the proxy", || lock.renewals() >= 1);
+    poll_until(secs(3), "a renewal through the proxy", || {
+        lock.renewals() >= 1
+    });
     proxy.cut();
     let at_cut = lock.renewals();
     poll_until(secs(4), "renewals after the cut", || {
