@@ -235,14 +235,10 @@ impl Holding {
             let _ = t.join();
         }
         let mut client = self.shared.client();
-        let r = if self.semaphore {
+        if self.semaphore {
             client.sem_release(&self.grant.key, &self.grant.token)
         } else {
             client.release(&self.grant.key, &self.grant.token)
-        };
-        match (r, self.lost()) {
-            (Err(_), Some(_)) => Err(Error::Refused),
-            (r, _) => r,
         }
     }
 }

@@ -36,6 +36,9 @@ COMMANDS:
     ping     Check that every server answers; prints the round trip.
     shard    Print the shard index and addresses that hold each KEY.
 
+    signal and listen use the first shard of --servers (signals are not
+    sharded); stats and ping visit every shard.
+
     For commands other than lock and sem, `--` ends the options, for a KEY,
     CHANNEL or PAYLOAD that starts with `-`.
 

@@ -32,7 +32,9 @@ pub fn run(inv: Invocation) -> u8 {
 }
 
 fn signal(cfg: &Config, channel: &str, payload: &str) -> u8 {
-    let r = Client::connect_for_key(cfg, channel).and_then(|mut c| c.signal(channel, payload));
+    // Signals are not sharded: publishers and listeners meet on the first
+    // shard, whatever the channel.
+    let r = Client::connect(cfg).and_then(|mut c| c.signal(channel, payload));
     match r {
         Ok(n) => {
             println!("{n}");
