@@ -4,7 +4,8 @@
 //! - [`net`]: sockets, the `mio` event loop, connection buffers;
 //! - [`protocol`]: bytes to typed requests and typed replies to bytes;
 //! - [`core`]: the lock and semaphore state machine (pure, takes `now`);
-//! - [`timer`]: the timer wheel.
+//! - [`timer`]: the timer wheel;
+//! - [`storage`]: the durable log and snapshots of cluster mode.
 //!
 //! [`config`] turns flags and environment into settings.
 
@@ -12,4 +13,5 @@ pub mod config;
 pub mod core;
 pub mod net;
 pub mod protocol;
+pub mod storage;
 pub mod timer;
