@@ -485,11 +485,7 @@ fn scan_log(path: &Path, bytes: &[u8]) -> Result<Scan, Error> {
         valid_len: 0,
     };
     let mut pos = 0usize;
-    loop {
-        let body = match next_record(path, bytes, pos, MAX_RECORD)? {
-            Next::Record(b) => b,
-            Next::End | Next::Torn => break,
-        };
+    while let Next::Record(body) = next_record(path, bytes, pos, MAX_RECORD)? {
         let corrupt = |what: &str| Error::Corrupt {
             file: path.to_path_buf(),
             offset: pos as u64,
