@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
 use crate::config::Config;
-use crate::conn::{Conn, Line, timed_out, unexpected};
+use crate::conn::{Conn, Line, MAX_LINE, MAX_STATS_LINE, deadline_after, timed_out, unexpected};
 use crate::error::{Error, Result};
 use crate::stats::Stats;
 
@@ -18,8 +18,9 @@ const MAX_FIELD: usize = 256;
 /// Longest `signal` payload or `auth` token.
 const MAX_PAYLOAD: usize = 64 * 1024;
 
-/// Pushed signals kept while nobody reads them; older ones are dropped.
-const MAX_PENDING_SIGNALS: usize = 65_536;
+/// Bytes of pushed signals kept while nobody reads them; older ones are
+/// dropped beyond this.
+const MAX_PENDING_SIGNAL_BYTES: usize = 16 << 20;
 
 /// A held lock or semaphore slot.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -102,6 +103,7 @@ pub struct Client {
     current: usize,
     conn: Option<Conn>,
     signals: VecDeque<Signal>,
+    signal_bytes: usize,
     dropped_signals: u64,
     arg: String,
 }
@@ -130,6 +132,7 @@ impl Client {
             current: addrs.len() - 1,
             conn: None,
             signals: VecDeque::new(),
+            signal_bytes: 0,
             dropped_signals: 0,
             arg: String::with_capacity(64),
         };
@@ -262,7 +265,14 @@ impl Client {
 
     /// `stats`: the JSON object as the server sent it.
     pub fn stats_json(&mut self) -> Result<String> {
-        let reply = self.call("stats", "_", "", Blocks::No)?;
+        if let Some(c) = self.conn.as_mut() {
+            c.max_line = MAX_STATS_LINE;
+        }
+        let reply = self.call("stats", "_", "", Blocks::No);
+        if let Some(c) = self.conn.as_mut() {
+            c.max_line = MAX_LINE;
+        }
+        let reply = reply?;
         let r = match reply.strip_prefix("ok ") {
             Some(json) => Ok(json.to_string()),
             None => Err(status_or_unexpected("stats", &reply)),
@@ -311,23 +321,29 @@ impl Client {
     /// came in time.
     pub fn next_signal(&mut self, timeout: Option<Duration>) -> Result<Option<Signal>> {
         if let Some(s) = self.signals.pop_front() {
+            self.signal_bytes -= s.channel.len() + s.payload.len();
             return Ok(Some(s));
         }
-        let deadline = timeout.map(|t| Instant::now() + t);
+        let deadline = timeout.and_then(deadline_after);
         let Some(line) = self.read(deadline)? else {
             return Ok(None);
         };
-        match parse_signal(&line) {
-            Some(sig) => Ok(Some(sig)),
-            None => {
-                self.conn = None;
-                Err(unexpected("nothing (no request was pending)", &line))
-            }
+        if let Some(sig) = parse_signal(&line) {
+            return Ok(Some(sig));
         }
+        self.conn = None;
+        if Error::from_status(&line).is_some() {
+            // The server's idle timeout: it says `error` and hangs up.
+            return Err(Error::Io(std::io::Error::new(
+                std::io::ErrorKind::ConnectionAborted,
+                format!("the server ended the connection (it sent {line:?})"),
+            )));
+        }
+        Err(unexpected("nothing (no request was pending)", &line))
     }
 
-    /// How many pushed signals were dropped because more than 65,536
-    /// waited unread.
+    /// How many pushed signals were dropped because more than 16 MiB of
+    /// them waited unread.
     pub fn dropped_signals(&self) -> u64 {
         self.dropped_signals
     }
@@ -383,10 +399,15 @@ impl Client {
             Some(l) => format!("{token} {}", lease_secs(l)),
             None => token.to_string(),
         };
-        let deadline = Instant::now() + within.unwrap_or(self.cfg.io_timeout);
-        let reply = self.call_until(cmd, key, &arg, Some(deadline))?;
+        let deadline = deadline_after(within.unwrap_or(self.cfg.io_timeout));
+        let reply = self.call_until(cmd, key, &arg, deadline)?;
+        // Whole seconds from this server; the Python server may send a
+        // fraction. Anything else, or beyond what a request may carry, is
+        // not a lease.
         let r = match reply.strip_prefix("ok ").map(|s| s.trim().parse::<f64>()) {
-            Some(Ok(secs)) if secs >= 0.0 && secs.is_finite() => Ok(Duration::from_secs_f64(secs)),
+            Some(Ok(secs)) if (0.0..=MAX_SECONDS as f64).contains(&secs) => {
+                Ok(Duration::from_secs_f64(secs))
+            }
             _ => Err(status_or_unexpected(cmd, &reply)),
         };
         self.settle(r)
@@ -456,9 +477,11 @@ impl Client {
 
     fn call(&mut self, cmd: &str, key: &str, arg: &str, blocks: Blocks) -> Result<String> {
         let deadline = match blocks {
-            Blocks::No => Some(Instant::now() + self.cfg.io_timeout),
+            Blocks::No => deadline_after(self.cfg.io_timeout),
             Blocks::Upto(s) if s >= MAX_SECONDS => None,
-            Blocks::Upto(s) => Some(Instant::now() + Duration::from_secs(s) + self.cfg.io_timeout),
+            Blocks::Upto(s) => {
+                deadline_after(Duration::from_secs(s).saturating_add(self.cfg.io_timeout))
+            }
         };
         self.call_until(cmd, key, arg, deadline)
     }
@@ -505,11 +528,15 @@ impl Client {
     }
 
     fn push_signal(&mut self, sig: Signal) {
-        if self.signals.len() >= MAX_PENDING_SIGNALS {
-            self.signals.pop_front();
+        self.signal_bytes += sig.channel.len() + sig.payload.len();
+        self.signals.push_back(sig);
+        while self.signal_bytes > MAX_PENDING_SIGNAL_BYTES {
+            let Some(old) = self.signals.pop_front() else {
+                break;
+            };
+            self.signal_bytes -= old.channel.len() + old.payload.len();
             self.dropped_signals += 1;
         }
-        self.signals.push_back(sig);
     }
 }
 
@@ -535,7 +562,7 @@ fn parse_token_lease(cmd: &str, key: &str, rest: &str, reply: &str) -> Result<Gr
         return Err(unexpected(cmd, reply));
     };
     let lease: u64 = lease.parse().map_err(|_| unexpected(cmd, reply))?;
-    if token.is_empty() {
+    if token.is_empty() || lease > MAX_SECONDS {
         return Err(unexpected(cmd, reply));
     }
     Ok(Grant {
@@ -566,8 +593,10 @@ fn check_field(what: &str, s: &str) -> Result<()> {
             "{what} longer than {MAX_FIELD} bytes"
         )));
     }
-    if s.chars().any(char::is_whitespace) {
-        return Err(Error::InvalidInput(format!("whitespace in {what} {s:?}")));
+    if s.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(Error::InvalidInput(format!(
+            "whitespace or a control character in {what} {s:?}"
+        )));
     }
     Ok(())
 }

@@ -378,16 +378,17 @@ impl Config {
     }
 
     /// How long one connection attempt (TCP, TLS handshake and auth) may
-    /// take. Default 5 s.
+    /// take. Default 5 s; at least 1 ms.
     pub fn connect_timeout(mut self, t: Duration) -> Config {
-        self.connect_timeout = t;
+        self.connect_timeout = t.max(Duration::from_millis(1));
         self
     }
 
     /// How long a reply may take beyond the time the request itself may
-    /// wait (an acquire's timeout). Default 10 s.
+    /// wait (an acquire's timeout). Default 10 s; at least 1 ms;
+    /// `Duration::MAX` waits without limit.
     pub fn io_timeout(mut self, t: Duration) -> Config {
-        self.io_timeout = t;
+        self.io_timeout = t.max(Duration::from_millis(1));
         self
     }
 }

@@ -11,9 +11,12 @@ use rustls::{ClientConnection, StreamOwned};
 use crate::config::{Config, host_of};
 use crate::error::{Error, Result};
 
-/// The longest line the server sends: a pushed signal carries a channel
-/// (256 bytes) and a payload (64 KiB).
-const MAX_LINE: usize = 64 * 1024 + 512;
+/// The longest line the server sends but for `stats`: a pushed signal
+/// carries a channel (256 bytes) and a payload (64 KiB).
+pub(crate) const MAX_LINE: usize = 64 * 1024 + 512;
+
+/// The longest `stats` reply taken: one line of JSON listing every key.
+pub(crate) const MAX_STATS_LINE: usize = 256 << 20;
 
 enum Stream {
     Plain(TcpStream),
@@ -68,13 +71,15 @@ pub(crate) struct Conn {
     rbuf: Vec<u8>,
     rpos: usize,
     wbuf: Vec<u8>,
+    /// The longest line the next reads accept.
+    pub(crate) max_line: usize,
 }
 
 impl Conn {
     /// Connects to `addr`, completes the TLS handshake and authenticates,
     /// all within the configured connect timeout.
     pub(crate) fn open(addr: &str, cfg: &Config) -> Result<Conn> {
-        let deadline = Instant::now() + cfg.connect_timeout;
+        let deadline = deadline_after(cfg.connect_timeout);
         let tcp = connect_tcp(addr, cfg.connect_timeout)?;
         tcp.set_nodelay(true)?;
         tcp.set_write_timeout(Some(cfg.io_timeout.max(Duration::from_millis(1))))?;
@@ -89,8 +94,10 @@ impl Conn {
                 let conn = ClientConnection::new(tls.config.clone(), name)
                     .map_err(|e| Error::Tls(e.to_string()))?;
                 let mut s = StreamOwned::new(conn, tcp);
-                set_read_deadline(&s.sock, Some(deadline))?;
                 while s.conn.is_handshaking() {
+                    if !set_read_deadline(&s.sock, deadline)? {
+                        return Err(Error::Tls(format!("handshake with {addr} timed out")));
+                    }
                     s.conn
                         .complete_io(&mut s.sock)
                         .map_err(|e| tls_error(e, addr))?;
@@ -104,10 +111,16 @@ impl Conn {
             rbuf: Vec::with_capacity(4096),
             rpos: 0,
             wbuf: Vec::with_capacity(512),
+            max_line: MAX_LINE,
         };
         if let Some(token) = &cfg.auth_token {
+            if token.is_empty() || token.contains(['\n', '\r']) || token.len() > 64 * 1024 {
+                return Err(Error::InvalidInput(
+                    "an auth token is one line of 1 byte to 64 KiB".into(),
+                ));
+            }
             conn.send("auth", "_", token)?;
-            match conn.read_line(Some(deadline))? {
+            match conn.read_line(deadline)? {
                 Line::Line(l) if l == "ok" => {}
                 Line::Line(l) if l == "error_auth" => return Err(Error::Auth),
                 Line::Line(l) if l == "error" => {
@@ -157,9 +170,10 @@ impl Conn {
                 }
                 return Ok(Line::Line(text));
             }
-            if self.rbuf.len() - self.rpos > MAX_LINE {
+            if self.rbuf.len() - self.rpos > self.max_line {
                 return Err(Error::Protocol(format!(
-                    "reply line longer than {MAX_LINE} bytes"
+                    "reply line longer than {} bytes",
+                    self.max_line
                 )));
             }
             if self.rpos > 0 {
@@ -200,6 +214,12 @@ impl Conn {
     }
 }
 
+/// `now + t`, or `None` (no deadline) when that is beyond what an
+/// `Instant` can hold.
+pub(crate) fn deadline_after(t: Duration) -> Option<Instant> {
+    Instant::now().checked_add(t)
+}
+
 /// Sets the socket's read timeout to what is left until `deadline`;
 /// `false` when it already passed.
 fn set_read_deadline(tcp: &TcpStream, deadline: Option<Instant>) -> Result<bool> {
@@ -217,6 +237,7 @@ fn set_read_deadline(tcp: &TcpStream, deadline: Option<Instant>) -> Result<bool>
 }
 
 fn connect_tcp(addr: &str, timeout: Duration) -> Result<TcpStream> {
+    let timeout = timeout.max(Duration::from_millis(1));
     let addrs: Vec<_> = addr
         .to_socket_addrs()
         .map_err(|e| io::Error::new(e.kind(), format!("cannot resolve {addr}: {e}")))?

@@ -50,12 +50,18 @@ impl fmt::Display for LostReason {
 
 type LostCallback = Arc<dyn Fn(&LostReason) + Send + Sync>;
 
+/// The longest a guard's connection stays silent: the server closes
+/// connections idle for its read timeout (23 s by default), which releases
+/// what they hold.
+pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(10);
+
 /// How a guard acquires and renews.
 #[derive(Clone)]
 pub struct GuardOptions {
     timeout: Duration,
     lease: Option<Duration>,
     renew_ratio: f64,
+    keepalive: Duration,
     on_lost: Option<LostCallback>,
 }
 
@@ -65,6 +71,7 @@ impl Default for GuardOptions {
             timeout: Duration::from_secs(10),
             lease: None,
             renew_ratio: 0.5,
+            keepalive: DEFAULT_KEEPALIVE,
             on_lost: None,
         }
     }
@@ -76,6 +83,7 @@ impl fmt::Debug for GuardOptions {
             .field("timeout", &self.timeout)
             .field("lease", &self.lease)
             .field("renew_ratio", &self.renew_ratio)
+            .field("keepalive", &self.keepalive)
             .field("on_lost", &self.on_lost.is_some())
             .finish()
     }
@@ -104,6 +112,15 @@ impl GuardOptions {
     /// (clamped). Default 0.5.
     pub fn renew_ratio(mut self, r: f64) -> GuardOptions {
         self.renew_ratio = if r.is_nan() { 0.5 } else { r.clamp(0.05, 0.9) };
+        self
+    }
+
+    /// The longest time between two renewals, whatever the lease: keeps
+    /// the connection from looking idle to the server, whose read timeout
+    /// (23 s by default) would close it and release the holding. Default
+    /// 10 s; at least 100 ms.
+    pub fn keepalive(mut self, every: Duration) -> GuardOptions {
+        self.keepalive = every.max(Duration::from_millis(100));
         self
     }
 
@@ -169,6 +186,7 @@ impl Holding {
             }),
             cond: Condvar::new(),
         });
+        let (panic_shared, panic_cb) = (shared.clone(), opts.on_lost.clone());
         let renewer = Renewer {
             shared: shared.clone(),
             key: key.to_string(),
@@ -176,12 +194,23 @@ impl Holding {
             cmd: if limit.is_some() { "sn" } else { "n" },
             lease: opts.lease,
             ratio: opts.renew_ratio,
+            keepalive: opts.keepalive,
             on_lost: opts.on_lost.clone(),
         };
         let first = grant.lease;
         let thread = std::thread::Builder::new()
-            .name(format!("dflock-renew-{key}"))
-            .spawn(move || renewer.run(granted_at, first))
+            .name("dflock-renew".into())
+            .spawn(move || {
+                let renewer = std::panic::AssertUnwindSafe(renewer);
+                let run = std::panic::catch_unwind(move || {
+                    let r = renewer;
+                    r.0.run(granted_at, first);
+                });
+                if run.is_err() {
+                    // Never leave a holder believing it still holds.
+                    lose_after_panic(&panic_shared, panic_cb.as_ref());
+                }
+            })
             .map_err(Error::Io)?;
         Ok(Holding {
             grant,
@@ -201,7 +230,7 @@ impl Holding {
     }
 
     fn wait_lost(&self, timeout: Option<Duration>) -> Option<LostReason> {
-        let deadline = timeout.map(|t| Instant::now() + t);
+        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
         let mut st = self.shared.state();
         loop {
             if st.lost.is_some() || st.stop {
@@ -232,13 +261,28 @@ impl Holding {
         self.shared.state().stop = true;
         self.shared.cond.notify_all();
         if let Some(t) = self.thread.take() {
-            let _ = t.join();
+            // Dropped from its own on_lost callback: nothing to wait for.
+            if t.thread().id() != std::thread::current().id() {
+                let _ = t.join();
+            }
         }
         let mut client = self.shared.client();
-        if self.semaphore {
-            client.sem_release(&self.grant.key, &self.grant.token)
-        } else {
-            client.release(&self.grant.key, &self.grant.token)
+        let (key, token) = (&self.grant.key, &self.grant.token);
+        let release = |c: &mut Client| {
+            if self.semaphore {
+                c.sem_release(key, token)
+            } else {
+                c.release(key, token)
+            }
+        };
+        match release(&mut client) {
+            // Tokens work from any connection: where the server kept the
+            // holding (a cluster, no auto-release), free it for the next.
+            Err(e) if e.is_connection() && self.lost().is_none() => {
+                client.reconnect()?;
+                release(&mut client)
+            }
+            r => r,
         }
     }
 }
@@ -256,13 +300,43 @@ struct Renewer {
     cmd: &'static str,
     lease: Option<Duration>,
     ratio: f64,
+    keepalive: Duration,
     on_lost: Option<LostCallback>,
 }
 
+/// `t + d`, or a time too far away to matter when that overflows.
+fn later(t: Instant, d: Duration) -> Instant {
+    t.checked_add(d)
+        .unwrap_or_else(|| t + Duration::from_secs(100 * 365 * 86_400))
+}
+
+fn lose_after_panic(shared: &Shared, cb: Option<&LostCallback>) {
+    let why = LostReason::Disconnected("the renewal thread failed".into());
+    {
+        let mut st = shared.state();
+        if st.stop || st.lost.is_some() {
+            return;
+        }
+        st.lost = Some(why.clone());
+    }
+    shared.cond.notify_all();
+    if let Some(f) = cb {
+        f(&why);
+    }
+}
+
 impl Renewer {
+    /// When to renew a lease of `l` renewed at `at`.
+    fn due(&self, at: Instant, l: Duration) -> Instant {
+        later(at, l.mul_f64(self.ratio).min(self.keepalive))
+    }
+
     fn run(self, granted_at: Instant, lease: Duration) {
-        let mut expires = granted_at + lease;
-        let mut next = granted_at + lease.mul_f64(self.ratio);
+        let mut expires = later(granted_at, lease);
+        let mut next = self.due(granted_at, lease);
+        // One reconnect per renewal: a server that keeps failing after a
+        // fresh connection is not retried in a loop.
+        let mut reconnected = false;
         loop {
             if !self.sleep_until(next) {
                 return;
@@ -281,8 +355,9 @@ impl Renewer {
             );
             match r {
                 Ok(l) => {
-                    expires = sent + l;
-                    next = sent + l.mul_f64(self.ratio);
+                    expires = later(sent, l);
+                    next = self.due(sent, l);
+                    reconnected = false;
                     self.shared.state().renewals += 1;
                 }
                 Err(Error::Refused | Error::LeaseExpired) => return self.lose(LostReason::Refused),
@@ -291,12 +366,13 @@ impl Renewer {
                     next = Instant::now()
                         + (within / 8).clamp(Duration::from_millis(20), Duration::from_millis(500));
                 }
-                Err(e) if e.is_connection() => {
+                Err(e) if e.is_connection() && !reconnected => {
                     let mut c = self.shared.client();
                     if let Err(e) = c.reconnect() {
                         drop(c);
                         return self.lose(LostReason::Disconnected(e.to_string()));
                     }
+                    reconnected = true;
                     next = Instant::now(); // renew on the new connection now
                 }
                 Err(e) => return self.lose(LostReason::Disconnected(e.to_string())),

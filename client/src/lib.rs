@@ -36,6 +36,6 @@ mod stats;
 pub use client::{Client, Enqueued, Grant, MAX_SECONDS, Signal, fence_of};
 pub use config::{Config, DEFAULT_SERVER, Servers, Tls};
 pub use error::{Error, Result};
-pub use guard::{GuardOptions, Lock, LostReason, Semaphore};
+pub use guard::{DEFAULT_KEEPALIVE, GuardOptions, Lock, LostReason, Semaphore};
 pub use shard::{crc32, shard_index};
 pub use stats::{ChannelStat, ClusterStat, IdleStat, LockStat, SemaphoreStat, Stats};

@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::Server;
 use common::pki::{Pki, tls_server};
+use common::{Server, wait_for_stats};
 use dflockd_client::{
     Client, Config, Enqueued, Error, GuardOptions, Lock, LostReason, Semaphore, Servers, Tls,
     crc32, shard_index,
@@ -578,7 +578,9 @@ fn signals_reach_a_listener_waiting_for_a_lock() {
             let r = l.lock("k", secs(4), None);
             (l, r)
         });
-        std::thread::sleep(ms(100));
+        // The listener is queued for the lock before the signal goes out.
+        let mut watcher = s.connect();
+        wait_for_stats(&mut watcher, "\"waiters\":1", secs(5));
         assert_eq!(p.signal("a.b.c", "during the wait").unwrap(), 1);
         a.release("k", &g.token).unwrap();
         let (l, r) = h.join().unwrap();
@@ -1332,4 +1334,116 @@ fn keys_are_routed_to_their_shard() {
     for (mut c, g) in held {
         c.release(&g.key, &g.token).unwrap();
     }
+}
+
+#[test]
+fn a_long_lease_outlives_the_servers_idle_timeout() {
+    // The server closes connections idle for 2 s (and frees their locks);
+    // the guard's keepalive renews more often than that whatever the lease.
+    let s = Server::start(&["--read-timeout", "2"]);
+    let opts = GuardOptions::new().lease(secs(30)).keepalive(ms(500));
+    let lock = Lock::acquire(&cfg(&s), "long", &opts).unwrap();
+    std::thread::sleep(secs(4));
+    assert_eq!(lock.lost(), None);
+    assert!(lock.renewals() >= 4, "{} renewals", lock.renewals());
+    assert_timeout(client(&s).lock("long", ZERO, None));
+    lock.release().unwrap();
+}
+
+#[test]
+fn a_large_stats_reply_is_read_whole() {
+    // 400 keys of 200 bytes: one JSON line far over the 64 KiB line limit
+    // of other replies.
+    let s = Server::start(&[]);
+    let mut holder = client(&s);
+    let keys: Vec<String> = (0..400).map(|i| format!("{i:0200}")).collect();
+    for k in &keys {
+        holder.lock(k, ZERO, None).unwrap();
+    }
+    let mut c = client(&s);
+    let raw = c.stats_json().unwrap();
+    assert!(raw.len() > 80_000, "{}", raw.len());
+    let st = c.stats().unwrap();
+    assert_eq!(st.locks.len(), 400);
+    // The limit is back for the next replies on the same connection.
+    c.ping().unwrap();
+}
+
+/// A fake server that answers every request with `reply` (a line).
+fn answering(reply: &'static str) -> String {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(s) = s else { break };
+            std::thread::spawn(move || {
+                let mut w = s.try_clone().unwrap();
+                let mut r = io::BufReader::new(s);
+                let mut line = String::new();
+                let mut n = 0;
+                while io::BufRead::read_line(&mut r, &mut line).unwrap_or(0) > 0 {
+                    n += 1;
+                    if n % 3 == 0 && io::Write::write_all(&mut w, reply.as_bytes()).is_err() {
+                        break;
+                    }
+                    line.clear();
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn numbers_out_of_range_from_the_server_are_protocol_errors() {
+    let addr = answering("ok 0123456789abcdef0123456789abcdef 18446744073709551615\n");
+    let mut c = Client::connect(&cfg_for(&addr)).unwrap();
+    assert!(matches!(c.lock("k", ZERO, None), Err(Error::Protocol(_))));
+    let addr = answering("ok 1e300\n");
+    let mut c = Client::connect(&cfg_for(&addr)).unwrap();
+    assert!(matches!(c.renew("k", "t", None), Err(Error::Protocol(_))));
+    let addr = answering("ok -1\n");
+    let mut c = Client::connect(&cfg_for(&addr)).unwrap();
+    assert!(matches!(c.renew("k", "t", None), Err(Error::Protocol(_))));
+}
+
+#[test]
+fn durations_without_limit_do_not_overflow() {
+    let s = Server::start(&[]);
+    let cfg = cfg(&s)
+        .io_timeout(Duration::MAX)
+        .connect_timeout(Duration::MAX);
+    let mut c = Client::connect(&cfg).unwrap();
+    c.ping().unwrap();
+    c.listen("x", None).unwrap();
+    let mut p = client(&s);
+    assert_eq!(p.signal("x", "now").unwrap(), 1);
+    let sig = c.next_signal(Some(Duration::MAX)).unwrap().unwrap();
+    assert_eq!(sig.payload, "now");
+    let lock = Lock::acquire(&cfg, "k", &GuardOptions::new().timeout(Duration::MAX)).unwrap();
+    assert_eq!(lock.wait_lost(Some(ms(10))), None);
+    drop(lock);
+    let zero = cfg_for(&s.addr()).io_timeout(ZERO).connect_timeout(ZERO);
+    // Clamped to 1 ms: connecting on loopback still works.
+    assert!(Client::connect(&zero).is_ok());
+}
+
+#[test]
+fn a_guard_dropped_from_its_own_callback_does_not_deadlock() {
+    let s = Server::start(&[]);
+    let slot: Arc<Mutex<Option<Lock>>> = Arc::default();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let slot2 = slot.clone();
+    let opts = GuardOptions::new().lease(secs(1)).on_lost(move |_| {
+        // Drop the guard right here, on the renewal thread.
+        let taken = slot2.lock().unwrap().take();
+        drop(taken);
+        let _ = tx.send(());
+    });
+    let lock = Lock::acquire(&cfg(&s), "k", &opts).unwrap();
+    let token = lock.token().to_string();
+    *slot.lock().unwrap() = Some(lock);
+    let mut raw = s.connect();
+    assert_eq!(raw.cmd("r", "k", &token), "ok");
+    rx.recv_timeout(secs(5)).expect("callback ran and returned");
 }

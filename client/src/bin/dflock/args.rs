@@ -12,19 +12,22 @@ USAGE:
     dflock [OPTIONS] lock KEY [--timeout S] [--lease S] [--kill-after S] -- CMD [ARGS...]
     dflock [OPTIONS] sem KEY LIMIT [--timeout S] [--lease S] [--kill-after S] -- CMD [ARGS...]
     dflock [OPTIONS] signal CHANNEL PAYLOAD...
-    dflock [OPTIONS] listen PATTERN [--group G]
+    dflock [OPTIONS] listen PATTERN [--group G] [--heartbeat S]
     dflock [OPTIONS] stats [--json]
     dflock [OPTIONS] ping
     dflock [OPTIONS] shard KEY...
 
 COMMANDS:
     lock     Wait for the lock on KEY (FIFO), run CMD while holding it, renew
-             the lease while CMD runs, release when it exits. CMD gets
-             DFLOCK_KEY, DFLOCK_TOKEN, DFLOCK_FENCE (the decimal fencing
-             number, higher for every later grant) and DFLOCK_LEASE (seconds).
-             SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 sent to
-             dflock are passed on to CMD. If the lock is lost while CMD runs,
-             CMD gets SIGTERM, then SIGKILL after --kill-after seconds.
+             the lease while CMD runs (at half the lease, and at least every
+             10 s), release when it exits. CMD gets DFLOCK_KEY, DFLOCK_TOKEN,
+             DFLOCK_FENCE (the decimal fencing number, higher for every later
+             grant) and DFLOCK_LEASE (seconds). CMD runs in its own process
+             group, which gets the terminal when dflock has it; SIGTERM,
+             SIGINT, SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 sent to dflock are
+             passed on to that group. If the lock is lost while CMD runs, the
+             group gets SIGTERM, then SIGKILL after --kill-after seconds; if
+             dflock itself dies, CMD gets SIGTERM.
     sem      The same for one of LIMIT slots of the semaphore KEY.
     signal   Publish PAYLOAD (the remaining words, joined by spaces) on
              CHANNEL; prints how many listeners received it.
@@ -50,6 +53,8 @@ COMMAND OPTIONS:
     -k, --kill-after S   lock/sem: grace between SIGTERM and SIGKILL when the
                          lock is lost [default: 10]
     -g, --group G        listen: join queue group G
+        --heartbeat S    listen: ping the server every S seconds, below its
+                         --read-timeout [default: 5]
         --json           stats: raw JSON
 
 CONNECTION OPTIONS (flags beat environment variables):
@@ -97,8 +102,8 @@ pub enum Exit {
     Usage(String),
     /// A settings error (status 78).
     Config(String),
-    /// `--help` or `--version` was printed.
-    Done,
+    /// `--help` or `--version`: print this and exit.
+    Print(String),
 }
 
 pub enum Command {
@@ -117,6 +122,7 @@ pub enum Command {
     Listen {
         pattern: String,
         group: Option<String>,
+        heartbeat: Duration,
     },
     Stats {
         json: bool,
@@ -145,6 +151,7 @@ struct Raw {
     timeout: Option<Duration>,
     lease: Option<Duration>,
     kill_after: Option<Duration>,
+    heartbeat: Option<Duration>,
     group: Option<String>,
     json: bool,
     positionals: Vec<String>,
@@ -190,8 +197,13 @@ pub fn parse(args: Vec<OsString>) -> Result<Invocation, Exit> {
             }
         }
     }
-    if raw.group.is_some() && name != "listen" {
-        return Err(Exit::Usage("--group is only for `listen`".into()));
+    for (set, flag) in [
+        (raw.group.is_some(), "--group"),
+        (raw.heartbeat.is_some(), "--heartbeat"),
+    ] {
+        if set && name != "listen" {
+            return Err(Exit::Usage(format!("{flag} is only for `listen`")));
+        }
     }
     if raw.json && name != "stats" {
         return Err(Exit::Usage("--json is only for `stats`".into()));
@@ -240,6 +252,7 @@ pub fn parse(args: Vec<OsString>) -> Result<Invocation, Exit> {
             [pattern] => Command::Listen {
                 pattern: pattern.clone(),
                 group: raw.group.clone(),
+                heartbeat: raw.heartbeat.unwrap_or(Duration::from_secs(5)),
             },
             _ => {
                 return Err(Exit::Usage(
@@ -301,12 +314,13 @@ fn parse_flags(args: Vec<OsString>) -> Result<Raw, Exit> {
         let Some(arg) = arg else { break };
         match arg {
             Short('h') | Long("help") => {
-                print!("{HELP}");
-                return Err(Exit::Done);
+                return Err(Exit::Print(HELP.to_string()));
             }
             Short('V') | Long("version") => {
-                println!("dflock {}", env!("CARGO_PKG_VERSION"));
-                return Err(Exit::Done);
+                return Err(Exit::Print(format!(
+                    "dflock {}\n",
+                    env!("CARGO_PKG_VERSION")
+                )));
             }
             Short('s') | Long("servers") => raw.servers = Some(string(&mut p, "--servers")?),
             Short('a') | Long("auth-token") => {
@@ -336,6 +350,13 @@ fn parse_flags(args: Vec<OsString>) -> Result<Raw, Exit> {
                 raw.kill_after = Some(seconds(&mut p, "--kill-after")?);
             }
             Short('g') | Long("group") => raw.group = Some(string(&mut p, "--group")?),
+            Long("heartbeat") => {
+                let h = seconds(&mut p, "--heartbeat")?;
+                if h < Duration::from_millis(100) {
+                    return Err(Exit::Usage("--heartbeat must be at least 0.1 s".into()));
+                }
+                raw.heartbeat = Some(h);
+            }
             Long("json") => raw.json = true,
             Value(v) => raw.positionals.push(
                 v.into_string()

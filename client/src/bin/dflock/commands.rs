@@ -1,16 +1,12 @@
 //! The commands other than `lock` and `sem`.
 
-use std::io::{self, Write};
+use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
 use dflockd_client::{Client, Config, Stats, shard_index};
 
 use crate::args::{Command, Invocation};
-use crate::{fail, status, supervise};
-
-/// How often `listen` pings an idle connection, well inside the server's
-/// idle read timeout (23 s by default).
-const HEARTBEAT: Duration = Duration::from_secs(5);
+use crate::{emit, fail, supervise, write_out};
 
 pub fn run(inv: Invocation) -> u8 {
     let cfg = inv.cfg;
@@ -24,7 +20,11 @@ pub fn run(inv: Invocation) -> u8 {
             argv,
         } => supervise::run(&cfg, &key, limit, timeout, lease, kill_after, &argv),
         Command::Signal { channel, payload } => signal(&cfg, &channel, &payload),
-        Command::Listen { pattern, group } => listen(&cfg, &pattern, group.as_deref()),
+        Command::Listen {
+            pattern,
+            group,
+            heartbeat,
+        } => listen(&cfg, &pattern, group.as_deref(), heartbeat),
         Command::Stats { json } => stats(&cfg, json),
         Command::Ping => ping(&cfg),
         Command::Shard { keys } => shard(&cfg, &keys),
@@ -36,15 +36,14 @@ fn signal(cfg: &Config, channel: &str, payload: &str) -> u8 {
     // shard, whatever the channel.
     let r = Client::connect(cfg).and_then(|mut c| c.signal(channel, payload));
     match r {
-        Ok(n) => {
-            println!("{n}");
-            0
-        }
+        Ok(n) => emit(&format!("{n}\n")),
         Err(e) => fail(&format!("signal {channel}"), &e),
     }
 }
 
-fn listen(cfg: &Config, pattern: &str, group: Option<&str>) -> u8 {
+/// Prints signals until interrupted, pinging every `heartbeat` (well
+/// inside the server's idle read timeout, 23 s by default).
+fn listen(cfg: &Config, pattern: &str, group: Option<&str>, heartbeat: Duration) -> u8 {
     let mut c = match Client::connect(cfg) {
         Ok(c) => c,
         Err(e) => return fail("listen", &e),
@@ -52,25 +51,26 @@ fn listen(cfg: &Config, pattern: &str, group: Option<&str>) -> u8 {
     if let Err(e) = c.listen(pattern, group) {
         return fail(&format!("listen {pattern}"), &e);
     }
-    let stdout = io::stdout();
+    // Signals are pushed, not requested: they do not count as activity for
+    // the server's idle timeout, so ping on a clock, not only when quiet.
+    let mut last_request = Instant::now();
     loop {
-        match c.next_signal(Some(HEARTBEAT)) {
+        let quiet = heartbeat.saturating_sub(last_request.elapsed());
+        if quiet.is_zero() {
+            if let Err(e) = c.ping() {
+                return fail("listen: heartbeat", &e);
+            }
+            last_request = Instant::now();
+            continue;
+        }
+        match c.next_signal(Some(quiet)) {
             Ok(Some(sig)) => {
-                let mut out = stdout.lock();
-                let w = writeln!(out, "{} {}", sig.channel, sig.payload).and_then(|()| out.flush());
-                if let Err(e) = w {
-                    if e.kind() == io::ErrorKind::BrokenPipe {
-                        return 0; // the reader is gone (`| head -1`): done
-                    }
-                    eprintln!("dflock: listen: writing stdout: {e}");
-                    return status::OUTPUT;
+                // Stops when the reader is gone (`| head -1`), with 0.
+                if let Some(st) = write_out(&format!("{} {}\n", sig.channel, sig.payload)) {
+                    return st;
                 }
             }
-            Ok(None) => {
-                if let Err(e) = c.ping() {
-                    return fail("listen: heartbeat", &e);
-                }
-            }
+            Ok(None) => {}
             Err(e) => return fail("listen", &e),
         }
     }
@@ -78,6 +78,7 @@ fn listen(cfg: &Config, pattern: &str, group: Option<&str>) -> u8 {
 
 fn stats(cfg: &Config, json: bool) -> u8 {
     let mut worst = 0;
+    let mut out = String::new();
     for shard in cfg.servers().shards() {
         let r = Client::connect_to(cfg, shard).and_then(|mut c| {
             let raw = c.stats_json()?;
@@ -92,21 +93,23 @@ fn stats(cfg: &Config, json: bool) -> u8 {
             }
         };
         if json {
-            println!("{raw}");
+            out.push_str(&raw);
+            out.push('\n');
             continue;
         }
         match Stats::parse(&raw) {
-            Ok(s) => print_table(&addr, &s),
+            Ok(s) => print_table(&mut out, &addr, &s),
             Err(e) => worst = worst.max(fail(&format!("stats {addr}"), &e)),
         }
     }
-    worst
+    worst.max(emit(&out))
 }
 
-fn print_table(addr: &str, s: &Stats) {
-    println!("server {addr}: {} connection(s)", s.connections);
+fn print_table(out: &mut String, addr: &str, s: &Stats) {
+    let _ = writeln!(out, "server {addr}: {} connection(s)", s.connections);
     if let Some(c) = &s.cluster {
-        println!(
+        let _ = writeln!(
+            out,
             "cluster: node {}, leader {}, term {}",
             c.node_id, c.leader_id, c.term
         );
@@ -141,7 +144,7 @@ fn print_table(addr: &str, s: &Stats) {
             ]);
         }
     }
-    table(&["KEY", "KIND", "HELD", "WAITERS", "STATE"], &rows);
+    table(out, &["KEY", "KIND", "HELD", "WAITERS", "STATE"], &rows);
     if !s.signal_channels.is_empty() {
         let rows: Vec<[String; 3]> = s
             .signal_channels
@@ -158,13 +161,13 @@ fn print_table(addr: &str, s: &Stats) {
                 ]
             })
             .collect();
-        table(&["PATTERN", "GROUP", "LISTENERS"], &rows);
+        table(out, &["PATTERN", "GROUP", "LISTENERS"], &rows);
     }
 }
 
-fn table<const N: usize>(head: &[&str; N], rows: &[[String; N]]) {
+fn table<const N: usize>(out: &mut String, head: &[&str; N], rows: &[[String; N]]) {
     if rows.is_empty() {
-        println!("(no {})", head[0].to_lowercase() + "s");
+        let _ = writeln!(out, "(no {}s)", head[0].to_lowercase());
         return;
     }
     let mut width = head.map(str::len);
@@ -173,16 +176,16 @@ fn table<const N: usize>(head: &[&str; N], rows: &[[String; N]]) {
             *w = (*w).max(cell.chars().count());
         }
     }
-    let line = |cells: &[&str]| {
+    let mut line = |cells: &[&str]| {
         let mut s = String::new();
         for (i, c) in cells.iter().enumerate() {
             if i + 1 == N {
                 s.push_str(c);
             } else {
-                s.push_str(&format!("{c:<w$}  ", w = width[i]));
+                let _ = write!(s, "{c:<w$}  ", w = width[i]);
             }
         }
-        println!("{}", s.trim_end());
+        let _ = writeln!(out, "{}", s.trim_end());
     };
     line(head);
     for r in rows {
@@ -193,6 +196,7 @@ fn table<const N: usize>(head: &[&str; N], rows: &[[String; N]]) {
 
 fn ping(cfg: &Config) -> u8 {
     let mut worst = 0;
+    let mut out = String::new();
     for shard in cfg.servers().shards() {
         let r = Client::connect_to(cfg, shard).and_then(|mut c| {
             let t = Instant::now();
@@ -200,18 +204,21 @@ fn ping(cfg: &Config) -> u8 {
             Ok((c.peer().unwrap_or_default().to_string(), t.elapsed()))
         });
         match r {
-            Ok((addr, rtt)) => println!("{addr} ok {:.3} ms", rtt.as_secs_f64() * 1e3),
+            Ok((addr, rtt)) => {
+                let _ = writeln!(out, "{addr} ok {:.3} ms", rtt.as_secs_f64() * 1e3);
+            }
             Err(e) => worst = worst.max(fail(&format!("ping {}", shard.join("|")), &e)),
         }
     }
-    worst
+    worst.max(emit(&out))
 }
 
 fn shard(cfg: &Config, keys: &[String]) -> u8 {
     let shards = cfg.servers().shards();
+    let mut out = String::new();
     for key in keys {
         let i = shard_index(key, shards.len());
-        println!("{key} {i} {}", shards[i].join("|"));
+        let _ = writeln!(out, "{key} {i} {}", shards[i].join("|"));
     }
-    0
+    emit(&out)
 }

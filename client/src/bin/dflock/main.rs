@@ -5,9 +5,18 @@ mod args;
 mod commands;
 mod supervise;
 
+use std::io::Write;
 use std::process::ExitCode;
 
 use dflockd_client::Error;
+
+/// `eprintln!` that never panics (stderr may be closed or full).
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+pub(crate) use say;
 
 /// Exit statuses of dflock itself (a command run under a lock exits with
 /// its own status, or 128 + N when signal N killed it).
@@ -54,23 +63,42 @@ pub fn status_for(e: &Error) -> u8 {
 
 /// Prints `dflock: <context>: <error>` and returns its exit status.
 pub fn fail(context: &str, e: &Error) -> u8 {
-    eprintln!("dflock: {context}: {e}");
+    say!("dflock: {context}: {e}");
     status_for(e)
+}
+
+/// Writes `text` to standard output: 0, or [`status::OUTPUT`] when that
+/// fails. A reader that went away (`| head -1`) is not a failure.
+pub fn emit(text: &str) -> u8 {
+    write_out(text).unwrap_or(0)
+}
+
+/// Writes `text` to standard output: `None` when written, else the status
+/// to stop with (0 when the reader went away).
+pub fn write_out(text: &str) -> Option<u8> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => None,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Some(0),
+        Err(e) => {
+            say!("dflock: writing standard output: {e}");
+            Some(status::OUTPUT)
+        }
+    }
 }
 
 fn main() -> ExitCode {
     let invocation = match args::parse(std::env::args_os().skip(1).collect()) {
         Ok(inv) => inv,
         Err(args::Exit::Usage(msg)) => {
-            eprintln!("dflock: {msg}");
-            eprintln!("Try 'dflock --help'.");
+            say!("dflock: {msg}\nTry 'dflock --help'.");
             return ExitCode::from(status::USAGE);
         }
         Err(args::Exit::Config(msg)) => {
-            eprintln!("dflock: {msg}");
+            say!("dflock: {msg}");
             return ExitCode::from(status::CONFIG);
         }
-        Err(args::Exit::Done) => return ExitCode::SUCCESS,
+        Err(args::Exit::Print(text)) => return ExitCode::from(emit(&text)),
     };
     ExitCode::from(commands::run(invocation))
 }

@@ -2,8 +2,9 @@
 //! the lock is lost, release when it exits.
 
 use std::ffi::OsString;
-use std::os::unix::process::ExitStatusExt;
-use std::process::{Child, Command};
+use std::io::Write as _;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::process::{Child, Command, ExitStatus};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -13,7 +14,7 @@ use signal_hook::iterator::SignalsInfo;
 use signal_hook::iterator::exfiltrator::WithOrigin;
 use signal_hook::low_level::siginfo::Cause;
 
-use crate::{fail, status};
+use crate::{fail, say, status};
 
 /// Signals passed on to the command.
 const FORWARDED: [i32; 6] = [SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2];
@@ -93,7 +94,7 @@ pub fn run(
     let held = match held {
         Ok(h) => h,
         Err(Error::Timeout) => {
-            eprintln!(
+            say!(
                 "dflock: {what}: not granted within {}; command not run",
                 human(timeout)
             );
@@ -102,10 +103,15 @@ pub fn run(
         Err(e) => return fail(&what, &e),
     };
 
+    // In the foreground of a terminal the command shares dflock's process
+    // group, so ^C reaches the calling shell too and stops a script as it
+    // would without dflock. Otherwise (cron, CI, background) it gets a
+    // group of its own, and stopping it stops everything it started.
+    let terminal = Terminal::foreground();
     let mut signals = match SignalsInfo::<WithOrigin>::new(FORWARDED.iter().chain(&[SIGCHLD])) {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("dflock: cannot install signal handlers: {e}");
+            say!("dflock: cannot install signal handlers: {e}");
             let _ = held.release();
             return status::UNAVAILABLE;
         }
@@ -114,9 +120,9 @@ pub fn run(
     let sig_tx = tx;
     std::thread::spawn(move || {
         for origin in signals.forever() {
-            // A terminal's ^C, ^\ or hang-up reaches the whole foreground
-            // process group, the command included: don't send it twice.
-            if origin.signal != SIGCHLD && origin.cause == Cause::Kernel {
+            // A terminal's ^C, ^\ or hang-up reached the whole foreground
+            // group, the command included: don't send it twice.
+            if terminal.0 && origin.signal != SIGCHLD && origin.cause == Cause::Kernel {
                 continue;
             }
             if sig_tx.send(Event::Signal(origin.signal)).is_err() {
@@ -134,6 +140,11 @@ pub fn run(
         Some(f) => cmd.env("DFLOCK_FENCE", f.to_string()),
         None => cmd.env_remove("DFLOCK_FENCE"),
     };
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || prepare_child(terminal, parent));
+    }
     let program = argv[0].to_string_lossy().into_owned();
     let child = match cmd.spawn() {
         Ok(c) => c,
@@ -143,35 +154,94 @@ pub fn run(
                 std::io::ErrorKind::NotFound => status::NOT_FOUND,
                 _ => status::CANNOT_EXECUTE,
             };
-            eprintln!("dflock: cannot run {program}: {e}");
+            say!("dflock: cannot run {program}: {e}");
             if let Err(e) = held.release() {
-                eprintln!("dflock: releasing {key}: {e}");
+                say!("dflock: releasing {key}: {e}");
             }
             return code;
         }
     };
-    let (exit, lost) = supervise(child, &rx, &program, key, kill_after);
+    let pid = child.id() as libc::pid_t;
+    // Signals go to the command's group when it has one of its own (set
+    // from this side too, so it exists before the first kill).
+    let target = if terminal.0 {
+        pid
+    } else {
+        // SAFETY: setpgid(2) on our own child.
+        unsafe {
+            libc::setpgid(pid, pid);
+        }
+        -pid
+    };
+    let (exit, lost) = supervise(child, target, &rx, &program, key, kill_after);
     handle.close();
+    // From here on a signal acts as if dflock had no handlers: a SIGTERM
+    // during a slow release ends dflock (the server then frees the lock).
+    for sig in FORWARDED {
+        // SAFETY: restoring the default disposition.
+        unsafe {
+            libc::signal(sig, libc::SIG_DFL);
+        }
+    }
     let code = match exit.code() {
         Some(c) => c as u8,
         None => 128u8.wrapping_add(exit.signal().unwrap_or(0) as u8),
     };
     // A loss reported while the command was finishing still counts.
-    match lost.or_else(|| held.lost()) {
-        Some(why) => {
-            eprintln!(
-                "dflock: {what} was lost while {program} ran ({why}); exiting with {}",
-                status::LOST
-            );
-            drop(held);
+    if let Some(why) = lost.or_else(|| held.lost()) {
+        say!(
+            "dflock: {what} was lost while {program} ran ({why}); exiting with {}",
             status::LOST
+        );
+        // Whatever the command left running in its group goes too.
+        if target < 0 {
+            send(target, SIGKILL);
         }
-        None => {
-            if let Err(e) = held.release() {
-                eprintln!("dflock: releasing {key}: {e} (its lease will run out on its own)");
-            }
-            code
+        drop(held);
+        return status::LOST;
+    }
+    if let Err(e) = held.release() {
+        say!("dflock: releasing {key}: {e} (its lease will run out on its own)");
+    }
+    // A command ended by ^C or a termination signal ends dflock the same
+    // way, so the calling shell stops too instead of running on.
+    if let Some(sig) = exit
+        .signal()
+        .filter(|s| [SIGINT, SIGTERM, SIGHUP].contains(s))
+    {
+        // SAFETY: raise(2) with the default disposition restored above.
+        unsafe {
+            libc::raise(sig);
         }
+    }
+    code
+}
+
+/// Runs in the child before exec: a process group of its own unless
+/// dflock is in the foreground of a terminal, and SIGTERM if dflock
+/// (`parent`) dies, since its lock dies with it.
+fn prepare_child(terminal: Terminal, parent: libc::pid_t) -> std::io::Result<()> {
+    // SAFETY: async-signal-safe calls on this process only.
+    unsafe {
+        if !terminal.0 && libc::setpgid(0, 0) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+        if libc::getppid() != parent {
+            libc::raise(libc::SIGTERM);
+        }
+    }
+    Ok(())
+}
+
+/// Whether dflock runs in the foreground process group of a terminal.
+#[derive(Clone, Copy)]
+struct Terminal(bool);
+
+impl Terminal {
+    fn foreground() -> Terminal {
+        // SAFETY: isatty, tcgetpgrp and getpgrp only read process state.
+        Terminal(unsafe { libc::isatty(0) == 1 && libc::tcgetpgrp(0) == libc::getpgrp() })
     }
 }
 
@@ -179,11 +249,12 @@ pub fn run(
 /// is lost. Returns how it exited and the loss, if any.
 fn supervise(
     mut child: Child,
+    target: libc::pid_t,
     rx: &mpsc::Receiver<Event>,
     program: &str,
     key: &str,
     kill_after: Duration,
-) -> (std::process::ExitStatus, Option<LostReason>) {
+) -> (ExitStatus, Option<LostReason>) {
     let pid = child.id() as libc::pid_t;
     let mut lost = None;
     let mut kill_at: Option<Instant> = None;
@@ -192,7 +263,11 @@ fn supervise(
             Ok(Some(st)) => return (st, lost),
             Ok(None) => {}
             Err(e) => {
-                eprintln!("dflock: waiting for {program}: {e}");
+                say!("dflock: waiting for {program}: {e}");
+                let st = child
+                    .wait()
+                    .unwrap_or_else(|_| ExitStatus::from_raw(1 << 8));
+                return (st, lost);
             }
         }
         // SIGCHLD wakes us; the poll is a fallback.
@@ -202,14 +277,14 @@ fn supervise(
         }
         match rx.recv_timeout(wait) {
             Ok(Event::Signal(SIGCHLD)) | Err(_) => {}
-            Ok(Event::Signal(sig)) => send(pid, sig),
+            Ok(Event::Signal(sig)) => send(target, sig),
             Ok(Event::Lost(why)) => {
                 if lost.is_none() {
-                    eprintln!(
+                    say!(
                         "dflock: lost the lock on {key} ({why}); sending SIGTERM to {program} (pid {pid}), SIGKILL in {}",
                         human(kill_after)
                     );
-                    send(pid, SIGTERM);
+                    send(target, SIGTERM);
                     kill_at = Some(Instant::now() + kill_after);
                     lost = Some(why);
                 }
@@ -217,18 +292,19 @@ fn supervise(
         }
         if kill_at.is_some_and(|t| Instant::now() >= t) {
             if matches!(child.try_wait(), Ok(None)) {
-                eprintln!("dflock: {program} (pid {pid}) still running; sending SIGKILL");
-                send(pid, SIGKILL);
+                say!("dflock: {program} (pid {pid}) still running; sending SIGKILL");
+                send(target, SIGKILL);
             }
             kill_at = None;
         }
     }
 }
 
-/// Sends `sig` to the child. It is not yet reaped (`try_wait` said it runs,
-/// or it is a zombie), so its pid cannot have been reused.
+/// Sends `sig` to a process (or, negative, a process group). The command
+/// is not yet reaped when this is called, so its pid, which is also its
+/// group's id, cannot have been reused.
 fn send(pid: libc::pid_t, sig: i32) {
-    // SAFETY: kill(2) with a pid we own and a valid signal number.
+    // SAFETY: kill(2) with a valid signal number.
     unsafe {
         libc::kill(pid, sig);
     }
