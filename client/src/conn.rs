@@ -82,6 +82,7 @@ impl Conn {
         let deadline = deadline_after(cfg.connect_timeout);
         let tcp = connect_tcp(addr, cfg.connect_timeout)?;
         tcp.set_nodelay(true)?;
+        keepalive(&tcp);
         tcp.set_write_timeout(Some(cfg.io_timeout.max(Duration::from_millis(1))))?;
         let stream = match &cfg.tls {
             None => Stream::Plain(tcp),
@@ -236,6 +237,30 @@ fn set_read_deadline(tcp: &TcpStream, deadline: Option<Instant>) -> Result<bool>
     Ok(true)
 }
 
+/// TCP keepalive: a request that waits without limit (a lock with no
+/// timeout, a listener) learns within about a minute that the server's
+/// host is gone, instead of waiting forever. Best effort.
+fn keepalive(tcp: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    let fd = tcp.as_raw_fd();
+    let set = |level: libc::c_int, opt: libc::c_int, v: libc::c_int| {
+        // SAFETY: setsockopt(2) on a socket we own, with an int value.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                level,
+                opt,
+                (&v as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+    };
+    set(libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1);
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 30);
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 10);
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 3);
+}
+
 fn connect_tcp(addr: &str, timeout: Duration) -> Result<TcpStream> {
     let timeout = timeout.max(Duration::from_millis(1));
     let addrs: Vec<_> = addr
@@ -278,4 +303,38 @@ pub(crate) fn unexpected(what: &str, line: &str) -> Error {
         shown.push('…');
     }
     Error::Protocol(format!("unexpected reply to {what}: {shown:?}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+
+    fn sockopt(tcp: &TcpStream, level: libc::c_int, opt: libc::c_int) -> libc::c_int {
+        let mut v: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt(2) into a local int.
+        let r = unsafe {
+            libc::getsockopt(
+                tcp.as_raw_fd(),
+                level,
+                opt,
+                (&mut v as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(r, 0);
+        v
+    }
+
+    #[test]
+    fn client_sockets_have_tcp_keepalive() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let conn = Conn::open(&addr, &Config::default()).unwrap();
+        let tcp = conn.stream.tcp();
+        assert_eq!(sockopt(tcp, libc::SOL_SOCKET, libc::SO_KEEPALIVE), 1);
+        assert_eq!(sockopt(tcp, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE), 30);
+        assert_eq!(sockopt(tcp, libc::IPPROTO_TCP, libc::TCP_KEEPCNT), 3);
+    }
 }
