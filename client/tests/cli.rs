@@ -5,14 +5,13 @@
 #[path = "../../tests/common/mod.rs"]
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::TcpListener;
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::pki::{Pki, tls_server};
-use common::{Server, wait_for_stats};
+use common::{Server, fake_server, wait_for_stats};
 
 /// A `dflock` command aimed at `server`, with the environment cleared of
 /// the variables it reads.
@@ -439,29 +438,9 @@ fn unreachable_servers_exit_69() {
     }
 }
 
-/// A server that answers every line with an HTTP error.
-fn garbage_server() -> String {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap().to_string();
-    std::thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(s) = s else { break };
-            std::thread::spawn(move || {
-                let mut w = s.try_clone().unwrap();
-                for line in BufReader::new(s).lines() {
-                    if line.is_err() || w.write_all(b"HTTP/1.1 400 Bad Request\r\n").is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
-    addr
-}
-
 #[test]
 fn a_server_speaking_garbage_exits_76() {
-    let addr = garbage_server();
+    let addr = fake_server(Some("HTTP/1.1 400 Bad Request\r\n"));
     for args in [
         &["ping"][..],
         &["lock", "k", "--", "true"],

@@ -5,14 +5,14 @@
 #[path = "../../tests/common/mod.rs"]
 mod common;
 
-use std::io::{self, BufRead, BufReader, Write};
+use std::io;
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::pki::{Pki, tls_server};
-use common::{Server, wait_for_stats};
+use common::{Server, fake_server, wait_for_stats};
 use dflockd_client::{
     Client, Config, Enqueued, Error, GuardOptions, Lock, LostReason, Semaphore, Servers, Tls,
     crc32, shard_index,
@@ -935,36 +935,6 @@ fn unreachable_and_failover() {
 // Peers that do not speak the protocol
 // ---------------------------------------------------------------------------
 
-/// A TCP server run by the test: `reply` answers every three-line request;
-/// `None` closes each connection as soon as it is accepted.
-fn fake_server(reply: Option<&'static str>) -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(conn) = conn else { continue };
-            let Some(reply) = reply else {
-                drop(conn);
-                continue;
-            };
-            std::thread::spawn(move || {
-                let mut w = conn.try_clone().unwrap();
-                let mut lines = 0;
-                for line in BufReader::new(conn).lines() {
-                    if line.is_err() {
-                        break;
-                    }
-                    lines += 1;
-                    if lines % 3 == 0 && w.write_all(reply.as_bytes()).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
-    addr
-}
-
 #[test]
 fn a_peer_speaking_http_is_a_protocol_error() {
     let addr = fake_server(Some("HTTP/1.1 400 Bad Request\r\n"));
@@ -1369,40 +1339,17 @@ fn a_large_stats_reply_is_read_whole() {
     c.ping().unwrap();
 }
 
-/// A fake server that answers every request with `reply` (a line).
-fn answering(reply: &'static str) -> String {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap().to_string();
-    std::thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(s) = s else { break };
-            std::thread::spawn(move || {
-                let mut w = s.try_clone().unwrap();
-                let mut r = io::BufReader::new(s);
-                let mut line = String::new();
-                let mut n = 0;
-                while io::BufRead::read_line(&mut r, &mut line).unwrap_or(0) > 0 {
-                    n += 1;
-                    if n % 3 == 0 && io::Write::write_all(&mut w, reply.as_bytes()).is_err() {
-                        break;
-                    }
-                    line.clear();
-                }
-            });
-        }
-    });
-    addr
-}
-
 #[test]
 fn numbers_out_of_range_from_the_server_are_protocol_errors() {
-    let addr = answering("ok 0123456789abcdef0123456789abcdef 18446744073709551615\n");
+    let addr = fake_server(Some(
+        "ok 0123456789abcdef0123456789abcdef 18446744073709551615\n",
+    ));
     let mut c = Client::connect(&cfg_for(&addr)).unwrap();
     assert!(matches!(c.lock("k", ZERO, None), Err(Error::Protocol(_))));
-    let addr = answering("ok 1e300\n");
+    let addr = fake_server(Some("ok 1e300\n"));
     let mut c = Client::connect(&cfg_for(&addr)).unwrap();
     assert!(matches!(c.renew("k", "t", None), Err(Error::Protocol(_))));
-    let addr = answering("ok -1\n");
+    let addr = fake_server(Some("ok -1\n"));
     let mut c = Client::connect(&cfg_for(&addr)).unwrap();
     assert!(matches!(c.renew("k", "t", None), Err(Error::Protocol(_))));
 }

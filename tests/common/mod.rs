@@ -265,3 +265,34 @@ pub fn wait_for_stats(c: &mut Client, needle: &str, within: Duration) {
         std::thread::sleep(Duration::from_millis(5));
     }
 }
+
+/// A fake server on loopback: it answers every request (three lines) with
+/// `reply` (which ends with its own newline), or with `None` closes every
+/// connection at once. Returns its address.
+pub fn fake_server(reply: Option<&'static str>) -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { continue };
+            let Some(reply) = reply else {
+                drop(conn);
+                continue;
+            };
+            std::thread::spawn(move || {
+                let mut w = conn.try_clone().unwrap();
+                let mut lines = 0;
+                for line in BufReader::new(conn).lines() {
+                    if line.is_err() {
+                        break;
+                    }
+                    lines += 1;
+                    if lines % 3 == 0 && w.write_all(reply.as_bytes()).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
