@@ -207,8 +207,17 @@ impl Server {
                 Err(e) => return Err(e),
             }
             let turn_start = Instant::now();
-            self.now = (turn_start - self.start).as_millis() as u64;
+            // Whole milliseconds: timers fire once the clock, rounded down,
+            // reaches their deadline; what this turn's requests arm counts
+            // from the clock rounded up. A timeout or lease armed by a
+            // request thus never ends before its full length has passed
+            // since the request arrived (rounding down both ways could end
+            // it up to 1 ms early).
+            let since = turn_start - self.start;
+            let floor = since.as_millis() as u64;
+            self.now = floor;
             self.fire_timers();
+            self.now = floor + u64::from(since.subsec_nanos() % 1_000_000 != 0);
             for event in events.iter() {
                 match event.token() {
                     LISTENER => self.accept_all(),
