@@ -178,7 +178,8 @@ pub fn table(rows: &[Value]) -> String {
     out
 }
 
-/// The row for a server/mode/connection count (and depth, when given).
+/// The row for a server/mode/connection count (and depth, when given):
+/// the main run, not a repeat or another variant.
 fn find<'a>(
     rows: &'a [Value],
     server: &str,
@@ -186,13 +187,10 @@ fn find<'a>(
     conns: u64,
     depth: Option<u64>,
 ) -> Option<&'a Value> {
-    rows.iter().find(|r| {
-        variant(r).is_none()
-            && s(r, "server") == server
-            && s(r, "mode") == mode
-            && u(r, "connections") == conns
-            && depth.is_none_or(|d| u(r, "depth") == d)
-    })
+    repeats(rows, server, mode, conns, depth)
+        .into_iter()
+        .next()
+        .filter(|r| variant(r).is_none())
 }
 
 /// The runs of a server/mode/connection count (and depth): the main run,

@@ -208,7 +208,8 @@ impl Holding {
                 });
                 if run.is_err() {
                     // Never leave a holder believing it still holds.
-                    lose_after_panic(&panic_shared, panic_cb.as_ref());
+                    let why = LostReason::Disconnected("the renewal thread failed".into());
+                    report_lost(&panic_shared, panic_cb.as_ref(), why);
                 }
             })
             .map_err(Error::Io)?;
@@ -310,8 +311,9 @@ fn later(t: Instant, d: Duration) -> Instant {
         .unwrap_or_else(|| t + Duration::from_secs(100 * 365 * 86_400))
 }
 
-fn lose_after_panic(shared: &Shared, cb: Option<&LostCallback>) {
-    let why = LostReason::Disconnected("the renewal thread failed".into());
+/// Records the loss (once, unless the guard is being released), wakes
+/// `wait_lost` and calls the callback.
+fn report_lost(shared: &Shared, cb: Option<&LostCallback>, why: LostReason) {
     {
         let mut st = shared.state();
         if st.stop || st.lost.is_some() {
@@ -401,17 +403,7 @@ impl Renewer {
     }
 
     fn lose(&self, why: LostReason) {
-        {
-            let mut st = self.shared.state();
-            if st.stop {
-                return;
-            }
-            st.lost = Some(why.clone());
-        }
-        self.shared.cond.notify_all();
-        if let Some(f) = &self.on_lost {
-            f(&why);
-        }
+        report_lost(&self.shared, self.on_lost.as_ref(), why);
     }
 }
 
