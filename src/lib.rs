@@ -9,6 +9,7 @@
 //!
 //! [`config`] turns flags and environment into settings.
 
+pub mod cluster;
 pub mod config;
 pub mod core;
 pub mod net;

@@ -1,0 +1,665 @@
+//! One cluster member: raft-rs's `RawNode`, the durable log, the replicated
+//! machine, and this node's queue of commands on their way to the leader.
+//!
+//! No sockets and no clock here: the event loop passes in peer messages and
+//! a monotonic `mono` time in milliseconds, and takes out the messages to
+//! send. That keeps the whole node drivable by a deterministic simulation.
+//!
+//! A turn of the loop calls, in this order: [`Node::step`] for every peer
+//! message read, [`Node::submit`] for client commands, [`Node::tick`] when
+//! the Raft tick timer fires, then [`Node::drive`] once: it forwards or
+//! batches the turn's commands, proposes one batch if leader, and handles
+//! raft-rs's `Ready` in the order the library requires (send, apply
+//! committed entries, append and sync the log once, send what needed the
+//! sync, advance).
+
+use std::collections::VecDeque;
+
+use hashbrown::HashMap;
+use log::{info, warn};
+use raft::prelude::{ConfState, Entry, EntryType, HardState, Message, MessageType};
+use raft::storage::MemStorage;
+use raft::{RawNode, StateRole};
+
+use super::command::{BatchHeader, Command, Commands, Origin, batch_now, begin_batch};
+use super::machine::{Event, Machine, ReplicatedEntropy};
+use crate::core::{ConnId, Core, Outbox};
+use crate::storage::wal::{self, Identity, Wal};
+
+/// A batch is proposed as soon as it grows past this, even mid-turn.
+const BATCH_SOFT_MAX: usize = 256 * 1024;
+
+/// Settings of a member.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    pub id: u64,
+    pub voters: Vec<u64>,
+    pub cluster_id: u64,
+    pub heartbeat_ms: u64,
+    pub election_ms: u64,
+    /// For simulations: a fixed election timeout in ticks (raft-rs draws a
+    /// random one in `[election, 2 x election)` from a thread-local RNG).
+    pub fixed_election_ticks: Option<usize>,
+}
+
+impl NodeConfig {
+    pub fn election_ticks(&self) -> usize {
+        (self.election_ms / self.heartbeat_ms.max(1)).max(2) as usize
+    }
+}
+
+/// What a node sends to another.
+#[derive(Debug)]
+pub enum Outgoing {
+    Raft(Message),
+    /// Encoded commands for the leader.
+    Forward(Vec<u8>),
+}
+
+/// Why the node cannot go on.
+#[derive(Debug)]
+pub enum NodeError {
+    Storage(wal::Error),
+    Raft(raft::Error),
+}
+
+impl std::fmt::Display for NodeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NodeError::Storage(e) => write!(f, "{e}"),
+            NodeError::Raft(e) => write!(f, "raft: {e}"),
+        }
+    }
+}
+
+/// Figures for `stats` and `/metrics`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NodeStats {
+    pub leader_changes: u64,
+    pub proposals: u64,
+    pub proposed_commands: u64,
+    pub forwarded_commands: u64,
+    pub fsyncs: u64,
+    pub fsync_us_total: u64,
+    pub log_bytes: u64,
+    pub applied: u64,
+    pub commit: u64,
+}
+
+pub struct Node {
+    cfg: NodeConfig,
+    raw: RawNode<MemStorage>,
+    mem: MemStorage,
+    wal: Wal,
+    machine: Machine,
+    incarnation: u64,
+    next_seq: u64,
+    /// This node's commands not yet applied, oldest first.
+    outstanding: VecDeque<(u64, Vec<u8>)>,
+    /// Highest seq sent to the current leader (or batched, as leader).
+    sent_upto: u64,
+    /// Highest seq of this node applied.
+    applied_seq: u64,
+    progress_ms: u64,
+    leader: u64,
+    term: u64,
+    role: StateRole,
+    /// Leader: commands to propose this turn.
+    batch: Vec<u8>,
+    batch_cmds: usize,
+    /// Highest batch time in this node's log, and where cluster time
+    /// started counting in this leadership: (cluster ms, mono ms).
+    max_now_seen: u64,
+    clock_base: (u64, u64),
+    /// Leader: index of a proposed tick not yet applied.
+    tick_inflight: u64,
+    last_heard: HashMap<u64, u64>,
+    lost_proposed: HashMap<u64, u64>,
+    leader_contact_ms: u64,
+    /// The `mono` of the current call.
+    mono: u64,
+    became_leader_ms: u64,
+    pub out: Vec<(u64, Outgoing)>,
+    pub events: Vec<Event>,
+    pub stats: NodeStats,
+    failed: Option<String>,
+}
+
+impl Node {
+    /// Opens (or creates) the data directory and replays its log.
+    /// `incarnation` must be larger than any earlier run's (the server uses
+    /// the wall clock in nanoseconds).
+    pub fn open(
+        cfg: NodeConfig,
+        dir: &std::path::Path,
+        incarnation: u64,
+        mono: u64,
+        logger: &slog::Logger,
+    ) -> Result<(Node, wal::Recovered), NodeError> {
+        let identity = Identity {
+            node_id: cfg.id,
+            cluster_id: cfg.cluster_id,
+        };
+        let (wal, recovered) = Wal::open(dir, identity).map_err(NodeError::Storage)?;
+        let mem = MemStorage::new_with_conf_state(ConfState::from((cfg.voters.clone(), vec![])));
+        let mut max_now_seen = 0;
+        {
+            let mut w = mem.wl();
+            let entries: Vec<Entry> = recovered
+                .entries
+                .iter()
+                .map(|e| {
+                    if let Some(now) = batch_now(&e.data) {
+                        max_now_seen = max_now_seen.max(now);
+                    }
+                    raft_entry(e.index, e.term, e.data.clone())
+                })
+                .collect();
+            if !entries.is_empty() {
+                w.append(&entries).map_err(NodeError::Raft)?;
+            }
+            let hs = recovered.hard_state;
+            let mut h = HardState::default();
+            h.term = hs.term;
+            h.vote = hs.vote;
+            let last = recovered.entries.last().map_or(0, |e| e.index);
+            h.commit = hs.commit.min(last);
+            w.set_hardstate(h);
+        }
+        let mut rc = raft::Config {
+            id: cfg.id,
+            election_tick: cfg.election_ticks(),
+            heartbeat_tick: 1,
+            check_quorum: true,
+            pre_vote: true,
+            max_size_per_msg: 1 << 20,
+            max_inflight_msgs: 256,
+            applied: 0,
+            ..Default::default()
+        };
+        if let Some(t) = cfg.fixed_election_ticks {
+            rc.election_tick = t;
+            rc.min_election_tick = t;
+            rc.max_election_tick = t + 1;
+        }
+        rc.validate().map_err(NodeError::Raft)?;
+        let raw = RawNode::new(&rc, mem.clone(), logger).map_err(NodeError::Raft)?;
+        let entropy = ReplicatedEntropy::default();
+        let node = Node {
+            machine: Machine::new(cfg.id, entropy),
+            cfg,
+            raw,
+            mem,
+            wal,
+            incarnation,
+            next_seq: 1,
+            outstanding: VecDeque::new(),
+            sent_upto: 0,
+            applied_seq: 0,
+            progress_ms: mono,
+            leader: 0,
+            term: 0,
+            role: StateRole::Follower,
+            batch: Vec::new(),
+            batch_cmds: 0,
+            max_now_seen,
+            clock_base: (max_now_seen, mono),
+            tick_inflight: 0,
+            last_heard: HashMap::new(),
+            lost_proposed: HashMap::new(),
+            leader_contact_ms: mono,
+            mono,
+            became_leader_ms: mono,
+            out: Vec::new(),
+            events: Vec::new(),
+            stats: NodeStats::default(),
+            failed: None,
+        };
+        Ok((node, recovered))
+    }
+
+    /// The entropy the local `Core` must be built with.
+    pub fn entropy(&self) -> ReplicatedEntropy {
+        self.machine.entropy()
+    }
+
+    pub fn id(&self) -> u64 {
+        self.cfg.id
+    }
+
+    pub fn config(&self) -> &NodeConfig {
+        &self.cfg
+    }
+
+    /// The known leader (0: none).
+    pub fn leader(&self) -> u64 {
+        self.leader
+    }
+
+    pub fn term(&self) -> u64 {
+        self.term
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.role == StateRole::Leader
+    }
+
+    pub fn incarnation(&self) -> u64 {
+        self.incarnation
+    }
+
+    pub fn machine(&self) -> &Machine {
+        &self.machine
+    }
+
+    /// The last moment this node was sure of a leader (its own leadership
+    /// or a message from the leader).
+    pub fn leader_contact_ms(&self) -> u64 {
+        self.leader_contact_ms
+    }
+
+    /// Whether this node has applied everything it knows committed.
+    pub fn caught_up(&self) -> bool {
+        self.leader != 0 && self.machine.applied() >= self.raw.raft.raft_log.committed
+    }
+
+    /// Commands waiting to be applied.
+    pub fn outstanding(&self) -> usize {
+        self.outstanding.len()
+    }
+
+    /// A storage failure that stopped this node acknowledging anything.
+    pub fn failed(&self) -> Option<&str> {
+        self.failed.as_deref()
+    }
+
+    /// Queues one of this node's commands; `make` builds it from its origin.
+    /// Returns its seq.
+    pub fn submit(&mut self, make: impl FnOnce(Origin) -> Command<'static>) -> u64 {
+        let origin = Origin {
+            node: self.cfg.id,
+            incarnation: self.incarnation,
+            seq: self.next_seq,
+        };
+        self.next_seq += 1;
+        let mut buf = Vec::new();
+        make(origin).encode(&mut buf);
+        self.outstanding.push_back((origin.seq, buf));
+        origin.seq
+    }
+
+    /// Queues a client request (its three lines, as received).
+    pub fn submit_request(&mut self, conn: ConnId, frame: &[u8]) -> u64 {
+        let origin = Origin {
+            node: self.cfg.id,
+            incarnation: self.incarnation,
+            seq: self.next_seq,
+        };
+        self.next_seq += 1;
+        let mut buf = Vec::with_capacity(frame.len() + 40);
+        Command::Request {
+            origin,
+            conn,
+            frame,
+        }
+        .encode(&mut buf);
+        self.outstanding.push_back((origin.seq, buf));
+        origin.seq
+    }
+
+    /// Starts a new incarnation: everything queued is dropped (the caller
+    /// has closed every client connection) and a `Join` announces it.
+    pub fn reincarnate(&mut self, at_least: u64) {
+        self.incarnation = self
+            .incarnation
+            .max(at_least)
+            .max(self.machine.last_incarnation(self.cfg.id))
+            + 1;
+        self.outstanding.clear();
+        self.next_seq = 1;
+        self.sent_upto = 0;
+        self.applied_seq = 0;
+        self.submit(|origin| Command::Join { origin });
+    }
+
+    /// A message from peer `from`.
+    pub fn step(&mut self, mono: u64, msg: Message) {
+        let from = msg.from;
+        self.last_heard.insert(from, mono);
+        let t = msg.get_msg_type();
+        let _ = self.raw.step(msg);
+        if from == self.raw.raft.leader_id
+            && matches!(
+                t,
+                MessageType::MsgHeartbeat | MessageType::MsgAppend | MessageType::MsgSnapshot
+            )
+        {
+            self.leader_contact_ms = mono;
+        }
+    }
+
+    /// Commands forwarded by peer `from` (dropped unless leader: the
+    /// origin sends them again to the leader it learns of).
+    pub fn on_forward(&mut self, mono: u64, from: u64, cmds: &[u8]) -> bool {
+        self.last_heard.insert(from, mono);
+        match Commands::validate(cmds) {
+            Ok(n) => {
+                if self.role == StateRole::Leader && self.failed.is_none() {
+                    self.batch.extend_from_slice(cmds);
+                    self.batch_cmds += n;
+                    self.stats.forwarded_commands += n as u64;
+                }
+                true
+            }
+            Err(e) => {
+                warn!("node {from} forwarded undecodable commands ({e}); dropped");
+                false
+            }
+        }
+    }
+
+    /// The Raft tick (every heartbeat interval).
+    pub fn tick(&mut self) {
+        self.raw.tick();
+    }
+
+    /// Cluster time as this leader stamps it: the newest time in its log
+    /// when it was elected, plus the time since. The election's own
+    /// duration is not counted, which gives every lease a grace period as
+    /// long as the election.
+    pub fn cluster_now(&self, mono: u64) -> u64 {
+        self.clock_base.0 + mono.saturating_sub(self.clock_base.1)
+    }
+
+    /// One turn's work; see the module documentation. Applied replies go
+    /// to `outbox`, this node's events to [`Node::events`], messages to
+    /// [`Node::out`].
+    pub fn drive(
+        &mut self,
+        mono: u64,
+        core: &mut Core,
+        outbox: &mut Outbox,
+    ) -> Result<(), NodeError> {
+        self.mono = mono;
+        self.observe_leadership(mono);
+        self.send_commands(mono);
+        if self.role == StateRole::Leader {
+            self.leader_duties(mono, core);
+            self.propose(mono);
+        }
+        while self.raw.has_ready() {
+            self.handle_ready(core, outbox)?;
+            self.observe_leadership(mono);
+        }
+        Ok(())
+    }
+
+    fn observe_leadership(&mut self, mono: u64) {
+        let leader = self.raw.raft.leader_id;
+        let term = self.raw.raft.term;
+        let role = self.raw.raft.state;
+        if role == StateRole::Leader {
+            self.leader_contact_ms = mono;
+        }
+        if leader == self.leader && term == self.term && role == self.role {
+            return;
+        }
+        if leader != self.leader && leader != 0 {
+            self.stats.leader_changes += 1;
+            info!(
+                "node {}: leader is now node {leader} (term {term})",
+                self.cfg.id
+            );
+            self.leader_contact_ms = mono;
+        } else if leader == 0 && self.leader != 0 {
+            info!(
+                "node {}: lost contact with leader node {} (term {term})",
+                self.cfg.id, self.leader
+            );
+        }
+        let became_leader = role == StateRole::Leader && self.role != StateRole::Leader;
+        self.leader = leader;
+        self.term = term;
+        self.role = role;
+        // Everything not yet applied goes again to the new leader.
+        self.sent_upto = self.applied_seq;
+        self.batch.clear();
+        self.batch_cmds = 0;
+        self.tick_inflight = 0;
+        self.lost_proposed.clear();
+        if became_leader {
+            self.clock_base = (self.max_now_seen.max(self.machine.now()), mono);
+            self.became_leader_ms = mono;
+        }
+    }
+
+    /// Sends (or, as leader, batches) this node's commands not yet sent.
+    fn send_commands(&mut self, mono: u64) {
+        if self.outstanding.is_empty() || self.leader == 0 || self.failed.is_some() {
+            return;
+        }
+        if mono.saturating_sub(self.progress_ms) > self.cfg.election_ms {
+            // No progress for a while: the leader may have dropped them.
+            self.sent_upto = self.applied_seq;
+            self.progress_ms = mono;
+        }
+        let Some(&(last, _)) = self.outstanding.back() else {
+            return;
+        };
+        if last <= self.sent_upto {
+            return;
+        }
+        let first = self.sent_upto;
+        if self.role == StateRole::Leader {
+            for (seq, cmd) in &self.outstanding {
+                if *seq > first {
+                    self.batch.extend_from_slice(cmd);
+                    self.batch_cmds += 1;
+                }
+            }
+        } else {
+            let mut buf = Vec::new();
+            for (seq, cmd) in &self.outstanding {
+                if *seq > first {
+                    buf.extend_from_slice(cmd);
+                }
+            }
+            self.out.push((self.leader, Outgoing::Forward(buf)));
+        }
+        self.sent_upto = last;
+    }
+
+    /// Time-driven decisions of the leader: a tick when the state machine
+    /// has a deadline due, and the loss of nodes not heard from.
+    fn leader_duties(&mut self, mono: u64, core: &Core) {
+        let now = self.cluster_now(mono);
+        if self.tick_inflight <= self.machine.applied()
+            && core.next_deadline().is_some_and(|d| d <= now)
+        {
+            self.tick_inflight = u64::MAX; // set to the index once proposed
+        }
+        let margin = 6 * self.cfg.election_ms;
+        for &peer in &self.cfg.voters {
+            if peer == self.cfg.id {
+                continue;
+            }
+            let heard = self
+                .last_heard
+                .get(&peer)
+                .copied()
+                .unwrap_or(0)
+                .max(self.became_leader_ms);
+            if mono.saturating_sub(heard) < margin {
+                continue;
+            }
+            let Some((inc, _)) = self.machine.session(peer) else {
+                continue;
+            };
+            if self.lost_proposed.get(&peer) == Some(&inc) {
+                continue;
+            }
+            warn!(
+                "node {}: no word from node {peer} for {} ms; declaring its connections lost",
+                self.cfg.id,
+                mono - heard
+            );
+            self.lost_proposed.insert(peer, inc);
+            Command::NodeLost {
+                node: peer,
+                incarnation: inc,
+            }
+            .encode(&mut self.batch);
+            self.batch_cmds += 1;
+        }
+    }
+
+    fn propose(&mut self, mono: u64) {
+        let tick = self.tick_inflight == u64::MAX;
+        if self.batch.is_empty() && !tick {
+            return;
+        }
+        let mut data = Vec::with_capacity(self.batch.len() + 17);
+        let mut entropy = [0u8; 8];
+        let _ = getrandom::fill(&mut entropy);
+        begin_batch(
+            &mut data,
+            BatchHeader {
+                now: self.cluster_now(mono),
+                entropy: u64::from_le_bytes(entropy),
+            },
+        );
+        data.extend_from_slice(&self.batch);
+        self.batch.clear();
+        self.stats.proposed_commands += self.batch_cmds as u64;
+        self.batch_cmds = 0;
+        match self.raw.propose(vec![], data) {
+            Ok(()) => {
+                self.stats.proposals += 1;
+                if tick {
+                    self.tick_inflight = self.raw.raft.raft_log.last_index();
+                }
+            }
+            Err(e) => {
+                // Lost commands are sent again (see send_commands).
+                warn!("node {}: proposal dropped: {e}", self.cfg.id);
+                self.tick_inflight = 0;
+            }
+        }
+    }
+
+    fn handle_ready(&mut self, core: &mut Core, outbox: &mut Outbox) -> Result<(), NodeError> {
+        let mut rd = self.raw.ready();
+        self.send(rd.take_messages());
+        if !rd.snapshot().is_empty() {
+            return Err(NodeError::Raft(raft::Error::Store(
+                raft::StorageError::SnapshotTemporarilyUnavailable,
+            )));
+        }
+        self.apply(core, rd.take_committed_entries(), outbox);
+        if !rd.entries().is_empty() {
+            for e in rd.entries() {
+                if let Some(now) = batch_now(&e.data) {
+                    self.max_now_seen = self.max_now_seen.max(now);
+                }
+                self.wal.append(e.index, e.term, &e.data);
+            }
+            self.mem
+                .wl()
+                .append(rd.entries())
+                .map_err(NodeError::Raft)?;
+        }
+        if let Some(hs) = rd.hs() {
+            self.wal.set_hard_state(&wal::HardState {
+                term: hs.term,
+                vote: hs.vote,
+                commit: hs.commit,
+            });
+            self.mem.wl().set_hardstate(hs.clone());
+        }
+        self.sync()?;
+        self.send(rd.take_persisted_messages());
+        let mut light = self.raw.advance(rd);
+        if let Some(commit) = light.commit_index() {
+            self.mem.wl().mut_hard_state().commit = commit;
+        }
+        self.send(light.take_messages());
+        self.apply(core, light.take_committed_entries(), outbox);
+        self.raw.advance_apply();
+        self.stats.applied = self.machine.applied();
+        self.stats.commit = self.raw.raft.raft_log.committed;
+        self.stats.log_bytes = self.wal.size();
+        Ok(())
+    }
+
+    fn sync(&mut self) -> Result<(), NodeError> {
+        if self.wal.pending() == 0 {
+            return Ok(());
+        }
+        let t = std::time::Instant::now();
+        match self.wal.sync() {
+            Ok(_) => {
+                self.stats.fsyncs += 1;
+                self.stats.fsync_us_total += t.elapsed().as_micros() as u64;
+                Ok(())
+            }
+            Err(e) => {
+                self.failed = Some(e.to_string());
+                Err(NodeError::Storage(e))
+            }
+        }
+    }
+
+    fn send(&mut self, msgs: Vec<Message>) {
+        for m in msgs {
+            self.out.push((m.to, Outgoing::Raft(m)));
+        }
+    }
+
+    fn apply(&mut self, core: &mut Core, entries: Vec<Entry>, outbox: &mut Outbox) {
+        for e in entries {
+            if e.get_entry_type() != EntryType::EntryNormal {
+                continue;
+            }
+            if let Err(err) = self
+                .machine
+                .apply(core, e.index, &e.data, outbox, &mut self.events)
+            {
+                warn!(
+                    "node {}: entry {} does not decode ({err}); applied up to the damage",
+                    self.cfg.id, e.index
+                );
+            }
+        }
+        // Drop what was applied from the queue.
+        let before = self.applied_seq;
+        for ev in &self.events {
+            if let Event::Applied {
+                incarnation, seq, ..
+            } = *ev
+            {
+                if incarnation == self.incarnation {
+                    self.applied_seq = self.applied_seq.max(seq);
+                }
+            }
+        }
+        if self.applied_seq > before {
+            while self
+                .outstanding
+                .front()
+                .is_some_and(|(s, _)| *s <= self.applied_seq)
+            {
+                self.outstanding.pop_front();
+            }
+            self.progress_ms = self.mono;
+        }
+    }
+}
+
+fn raft_entry(index: u64, term: u64, data: Vec<u8>) -> Entry {
+    let mut e = Entry::default();
+    e.set_entry_type(EntryType::EntryNormal);
+    e.index = index;
+    e.term = term;
+    e.data = data;
+    e
+}
