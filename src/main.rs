@@ -42,12 +42,22 @@ fn main() -> ExitCode {
     };
     let mut server = match Server::bind(addr, opts) {
         Ok(s) => s,
+        // Settings that cannot work (a data dir of another node, a damaged
+        // log) are configuration errors.
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => {
+            log::error!("{e}");
+            eprintln!("dflockd: {e}");
+            return ExitCode::from(2);
+        }
         Err(e) => {
             log::error!("cannot listen on {addr}: {e}");
             return ExitCode::FAILURE;
         }
     };
     log::info!("listening on {}", server.local_addr());
+    if let Some(addr) = server.peer_addr() {
+        log::info!("peer links listening on {addr}");
+    }
     if let Some(addr) = server.metrics_addr() {
         log::info!("metrics listening on {addr}");
     }
@@ -124,5 +134,6 @@ fn options(cfg: &Config) -> Result<Options, String> {
         auth,
         metrics_addr,
         fence_seed,
+        cluster: cfg.cluster.clone(),
     })
 }

@@ -26,9 +26,6 @@ use super::machine::{Event, Machine, ReplicatedEntropy};
 use crate::core::{ConnId, Core, Outbox};
 use crate::storage::wal::{self, Identity, Wal};
 
-/// A batch is proposed as soon as it grows past this, even mid-turn.
-const BATCH_SOFT_MAX: usize = 256 * 1024;
-
 /// Settings of a member.
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
@@ -320,6 +317,20 @@ impl Node {
         self.sent_upto = 0;
         self.applied_seq = 0;
         self.submit(|origin| Command::Join { origin });
+    }
+
+    /// Starts an election at once (a one-node cluster need not wait).
+    pub fn campaign(&mut self) {
+        let _ = self.raw.campaign();
+    }
+
+    /// Whether some of this node's commands wait to be sent or batched.
+    pub fn has_unsent(&self) -> bool {
+        self.leader != 0
+            && self
+                .outstanding
+                .back()
+                .is_some_and(|(s, _)| *s > self.sent_upto)
     }
 
     /// A message from peer `from`.

@@ -14,6 +14,7 @@
 
 mod invariants;
 pub mod signals;
+mod snapshot;
 mod stats;
 pub mod tokens;
 
@@ -26,6 +27,7 @@ use crate::protocol::reply::encode_signal;
 use crate::protocol::{Reply, Request, Token};
 use crate::timer::{TimerHandle, TimerWheel};
 use signals::Signals;
+pub use snapshot::SnapshotError;
 use tokens::TokenSource;
 pub use tokens::{Entropy, OsEntropy, SeededEntropy};
 
@@ -236,6 +238,10 @@ pub struct Core {
     /// Holders and waiters across all keys.
     held: usize,
     waiting: usize,
+    /// The vacant slots of `resources`, the next one to be reused last. A
+    /// key's slot decides its place in `stats`, so snapshots record it (the
+    /// slab does not tell).
+    vacant: Vec<u32>,
 }
 
 fn replied(out: &mut Outbox, conn: ConnId, reply: Reply) -> Outcome {
@@ -266,6 +272,7 @@ impl Core {
             holder_at: HashMap::new(),
             held: 0,
             waiting: 0,
+            vacant: Vec::new(),
         }
     }
 
@@ -310,6 +317,13 @@ impl Core {
     /// Nothing is held and nobody waits: a draining server may exit.
     pub fn is_quiescent(&self) -> bool {
         self.held == 0 && self.waiting == 0
+    }
+
+    /// Whether `conn` holds, waits for and has enqueued nothing.
+    pub fn conn_is_idle(&self, conn: ConnId) -> bool {
+        self.conns
+            .get(&conn)
+            .is_none_or(|c| c.holdings.is_empty() && c.two_phase.is_empty() && c.blocked.is_none())
     }
 
     /// (key, holders, waiters) of every key with a holder or a waiter.
@@ -843,6 +857,8 @@ impl Core {
             idle_prev: NIL,
             idle_next: NIL,
         }) as u32;
+        let reused = self.vacant.pop();
+        debug_assert!(reused.is_none_or(|v| v == res));
         self.keys.insert(key, res);
         Ok(res)
     }
@@ -1026,6 +1042,7 @@ impl Core {
     fn remove_resource(&mut self, res: u32) {
         self.unlink_idle(res);
         let r = self.resources.remove(res as usize);
+        self.vacant.push(res);
         self.keys.remove(&r.key);
     }
 

@@ -59,6 +59,11 @@ pub struct Conn {
     /// Queued for a flush at the end of this loop turn.
     pub dirty: bool,
     pub last_request_ms: u64,
+    /// When the connection was accepted.
+    pub opened_ms: u64,
+    /// Cluster mode: a request of this connection went to the log, so its
+    /// close must too.
+    pub replicated: bool,
     pub read_timer: Option<TimerHandle>,
     /// Since when unsent output has made no progress.
     pub write_stalled_since: Option<u64>,
@@ -110,6 +115,8 @@ impl Conn {
             closing: Closing::No,
             dirty: false,
             last_request_ms: now,
+            opened_ms: now,
+            replicated: false,
             read_timer: None,
             write_stalled_since: None,
             write_timer: None,

@@ -6,9 +6,11 @@
 //! request), resumes connections whose blocking command was answered, and
 //! finally flushes each connection with pending output once.
 
+mod cluster;
 mod conn;
 mod http;
 pub mod metrics;
+mod peer;
 pub mod security;
 
 use std::io;
@@ -27,6 +29,7 @@ use mio::{Events, Interest, Poll, Token};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use slab::Slab;
 
+use crate::config::ClusterSettings;
 use crate::core::{self, ConnId, Core, Outbox, Outcome};
 use crate::protocol::{FrameError, Reply, Request, encode_reply, parse_request};
 use crate::timer::TimerWheel;
@@ -72,6 +75,8 @@ pub struct Options {
     pub auth: Option<(AuthToken, AuthSource)>,
     /// Where to serve `/metrics`, `/health` and `/ready`; `None` = off.
     pub metrics_addr: Option<SocketAddr>,
+    /// Cluster mode (`--peers` / `--data-dir`); `None` = a single node.
+    pub cluster: Option<ClusterSettings>,
 }
 
 /// How [`Server::run`] ended.
@@ -93,6 +98,7 @@ enum NetTimer {
     ResumeAccept,
     ShutdownDeadline,
     Http(u64),
+    RaftTick,
 }
 
 pub struct Server {
@@ -126,6 +132,7 @@ pub struct Server {
     http: Slab<HttpConn>,
     metrics: Metrics,
     accept_backoff_ms: u64,
+    cluster: Option<Box<cluster::Cluster>>,
 }
 
 impl Server {
@@ -140,11 +147,29 @@ impl Server {
         let mut signals = signal_hook_mio::v1_0::Signals::new([SIGTERM, SIGINT, SIGHUP])?;
         poll.registry()
             .register(&mut signals, SIGNALS, Interest::READABLE)?;
-        let core = Core::new(
-            opts.core.clone(),
-            opts.fence_seed,
-            Box::new(core::OsEntropy),
-        );
+        let (cluster, core) = match &opts.cluster {
+            Some(settings) => {
+                let auth = opts.auth.as_ref().map(|(t, _)| t.clone());
+                let (mut cl, core) = cluster::Cluster::open(settings, &opts.core, auth)
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+                if let Some(links) = cl.links.as_mut() {
+                    poll.registry().register(
+                        &mut links.listener,
+                        cluster::PEER_LISTENER,
+                        Interest::READABLE,
+                    )?;
+                }
+                (Some(Box::new(cl)), core)
+            }
+            None => (
+                None,
+                Core::new(
+                    opts.core.clone(),
+                    opts.fence_seed,
+                    Box::new(core::OsEntropy),
+                ),
+            ),
+        };
         let http_listener = match opts.metrics_addr {
             Some(addr) => {
                 let mut l = TcpListener::bind(addr)?;
@@ -181,7 +206,22 @@ impl Server {
             http: Slab::new(),
             metrics: Metrics::default(),
             accept_backoff_ms: ACCEPT_BACKOFF_MIN_MS,
+            cluster,
         })
+        .map(|mut server| {
+            if server.cluster.is_some() {
+                server.timers.insert(0, NetTimer::RaftTick);
+            }
+            server
+        })
+    }
+
+    /// Where the peer listener of cluster mode listens.
+    pub fn peer_addr(&self) -> Option<SocketAddr> {
+        self.cluster
+            .as_ref()
+            .and_then(|c| c.links.as_ref())
+            .and_then(|l| l.local_addr().ok())
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -223,6 +263,9 @@ impl Server {
                     LISTENER => self.accept_all(),
                     SIGNALS => self.on_signals(),
                     HTTP_LISTENER => self.accept_http(),
+                    Token(t) if t >= cluster::PEER_IN_BASE || t == cluster::PEER_LISTENER.0 => {
+                        self.on_peer_event(t)
+                    }
                     Token(t) if t >= HTTP_BASE => self.on_http(t - HTTP_BASE),
                     Token(idx) => {
                         if event.is_readable() || event.is_read_closed() || event.is_error() {
@@ -235,12 +278,21 @@ impl Server {
                 }
             }
             self.resume_ready();
+            self.cluster_turn();
             self.flush_dirty();
+            // Requests resumed while flushing go to the log in this turn too.
+            let mut rounds = 0;
+            while self.cluster_pending() && rounds < 4 {
+                self.cluster_turn();
+                self.flush_dirty();
+                rounds += 1;
+            }
+            self.flush_peers();
             self.drop_slow_consumers();
             if self.http_listener.is_some() {
                 self.metrics.observe_turn(turn_start.elapsed());
             }
-            if self.draining && self.shutdown.is_none() && self.core.is_quiescent() {
+            if self.draining && self.shutdown.is_none() && self.quiescent() {
                 self.shutdown = Some(Shutdown::Drained);
             }
             if let Some(how) = self.shutdown {
@@ -302,7 +354,11 @@ impl Server {
 
     fn start_draining(&mut self, sig: i32) {
         self.draining = true;
-        self.core.start_draining();
+        if self.cluster.is_none() {
+            // In cluster mode the core is replicated state: this node
+            // refuses acquisitions itself (see process_input).
+            self.core.start_draining();
+        }
         if let Some(mut l) = self.listener.take() {
             let _ = self.poll.registry().deregister(&mut l);
         }
@@ -317,6 +373,20 @@ impl Server {
                 self.now + self.opts.shutdown_timeout_ms,
                 NetTimer::ShutdownDeadline,
             );
+        }
+    }
+
+    /// Nothing this server answers for is held or awaited: a drain is done.
+    fn quiescent(&self) -> bool {
+        match &self.cluster {
+            None => self.core.is_quiescent(),
+            Some(cl) => {
+                cl.node.outstanding() == 0
+                    && self
+                        .conns
+                        .iter()
+                        .all(|(_, c)| !c.replicated || self.core.conn_is_idle(c.id))
+            }
         }
     }
 
@@ -416,10 +486,11 @@ impl Server {
             None => None,
         };
         let _ = stream.set_nodelay(true);
+        let node = self.cluster.as_ref().map(|c| c.settings.node_id);
         let entry = self.conns.vacant_entry();
         let idx = entry.key();
         self.next_generation = self.next_generation.wrapping_add(1);
-        let id = ((self.next_generation as u64) << 32) | idx as u64;
+        let id = cluster::conn_id(node, self.next_generation, idx);
         if let Err(e) = self.poll.registry().register(
             &mut stream,
             Token(idx),
@@ -439,7 +510,9 @@ impl Server {
         }
         entry.insert(conn);
         self.metrics.rejected -= 1;
-        self.core.connect(id);
+        if self.cluster.is_none() {
+            self.core.connect(id);
+        }
         debug!("conn {id} open from {peer}");
     }
 
@@ -484,8 +557,12 @@ impl Server {
     // ---- timers ----
 
     fn fire_timers(&mut self) {
-        self.core.tick(self.now, &mut self.outbox);
-        self.dispatch(None);
+        // In cluster mode the core's timers fire when the leader's batches
+        // are applied, on cluster time.
+        if self.cluster.is_none() {
+            self.core.tick(self.now, &mut self.outbox);
+            self.dispatch(None);
+        }
         let mut fired = std::mem::take(&mut self.fired);
         self.timers.expire(self.now, &mut fired);
         for t in fired.drain(..) {
@@ -504,6 +581,7 @@ impl Server {
                         self.shutdown = Some(Shutdown::TimedOut);
                     }
                 }
+                NetTimer::RaftTick => self.on_raft_tick(),
             }
         }
         self.fired = fired;
@@ -668,6 +746,29 @@ impl Server {
                     self.fail(idx);
                     return;
                 }
+                (Ok(req), _) if self.cluster.is_some() => {
+                    self.metrics.count_command(req);
+                    if cluster::replicated(req) {
+                        if self.draining && acquires(req) {
+                            self.outbox.replies.push((id, Reply::ErrorDraining));
+                            Outcome::Replied
+                        } else {
+                            let len = frame.len;
+                            self.submit(idx, start, len);
+                            Outcome::Blocked
+                        }
+                    } else {
+                        let now = self
+                            .cluster
+                            .as_ref()
+                            .map_or(now, |cl| cl.node.machine().now());
+                        let o = self.core.handle(now, id, req, &mut self.outbox);
+                        if matches!(req, Request::Stats) {
+                            self.cluster_stats();
+                        }
+                        o
+                    }
+                }
                 (Ok(req), _) => {
                     self.metrics.count_command(req);
                     self.core.handle(now, id, req, &mut self.outbox)
@@ -700,6 +801,9 @@ impl Server {
         for i in 0..self.outbox.replies.len() {
             let (id, reply) = self.outbox.replies[i];
             let Some(idx) = self.index_of(id) else {
+                if reply.is_push() {
+                    self.forward_signal(id);
+                }
                 continue;
             };
             let c = &mut self.conns[idx];
@@ -866,7 +970,12 @@ impl Server {
         c.consumed = 0;
         c.linger_timer = Some(self.timers.insert(now + delay, NetTimer::Linger(id)));
         // The connection is finished as far as the locks are concerned.
-        self.core.disconnect(now, id, &mut self.outbox);
+        if self.cluster.is_some() {
+            let replicated = std::mem::take(&mut c.replicated);
+            self.cluster_disconnect(id, replicated);
+        } else {
+            self.core.disconnect(now, id, &mut self.outbox);
+        }
         self.dispatch(Some(idx));
         self.mark_dirty(idx);
     }
@@ -886,7 +995,11 @@ impl Server {
         self.metrics.closed_bytes_read += c.bytes_read;
         self.metrics.closed_bytes_written += c.bytes_written;
         self.forget_peer(c.peer);
-        self.core.disconnect(self.now, c.id, &mut self.outbox);
+        if self.cluster.is_some() {
+            self.cluster_disconnect(c.id, c.replicated);
+        } else {
+            self.core.disconnect(self.now, c.id, &mut self.outbox);
+        }
         self.dispatch(None);
     }
 
@@ -979,10 +1092,17 @@ impl Server {
                 body.extend_from_slice(b"draining\n");
                 ("503 Service Unavailable", "text/plain", "")
             }
-            Route::Ready => {
-                body.extend_from_slice(b"ready\n");
-                ("200 OK", "text/plain", "")
-            }
+            Route::Ready => match self.cluster_ready() {
+                Ok(()) => {
+                    body.extend_from_slice(b"ready\n");
+                    ("200 OK", "text/plain", "")
+                }
+                Err(why) => {
+                    body.extend_from_slice(why.as_bytes());
+                    body.push(b'\n');
+                    ("503 Service Unavailable", "text/plain", "")
+                }
+            },
             Route::Unauthorized => (
                 "401 Unauthorized",
                 "text/plain",
@@ -1059,6 +1179,11 @@ fn widen_backlog(listener: &TcpListener) -> io::Result<()> {
     } else {
         Err(io::Error::last_os_error())
     }
+}
+
+/// Requests that take a lock or a slot (refused while draining).
+fn acquires(req: &Request<'_>) -> bool {
+    matches!(req, Request::Acquire { .. } | Request::Enqueue { .. })
 }
 
 fn signal_name(sig: i32) -> &'static str {

@@ -64,6 +64,21 @@ impl AuthToken {
     pub fn verify(&self, presented: &[u8]) -> bool {
         sha256(presented.trim_ascii()).ct_eq(&self.digest).into()
     }
+
+    /// What a cluster peer sends to prove it knows the token: a digest
+    /// bound to the cluster, so the token itself never crosses a peer link.
+    pub fn peer_proof(&self, cluster_id: u64) -> [u8; 32] {
+        let mut buf = [0u8; 8 + 8 + 32];
+        buf[..8].copy_from_slice(b"dflkpeer");
+        buf[8..16].copy_from_slice(&cluster_id.to_le_bytes());
+        buf[16..].copy_from_slice(&self.digest);
+        sha256(&buf)
+    }
+
+    /// Whether a peer's proof is right, in constant time.
+    pub fn verify_peer_proof(&self, cluster_id: u64, proof: &[u8]) -> bool {
+        proof.len() == 32 && bool::from(self.peer_proof(cluster_id).ct_eq(proof))
+    }
 }
 
 /// Builds the TLS server configuration (TLS 1.2 and 1.3, the `ring`

@@ -35,6 +35,8 @@ pub enum Reply {
     ErrorAlreadyEnqueued,
     ErrorLeaseExpired,
     ErrorDraining,
+    /// Cluster mode: no leader could be reached in time.
+    ErrorUnavailable,
 }
 
 impl Reply {
@@ -55,6 +57,7 @@ impl Reply {
             Reply::ErrorAlreadyEnqueued => "error_already_enqueued",
             Reply::ErrorLeaseExpired => "error_lease_expired",
             Reply::ErrorDraining => "error_draining",
+            Reply::ErrorUnavailable => "error_unavailable",
         }
     }
 }

@@ -1,0 +1,435 @@
+//! The event loop's cluster-mode duties: the Raft node, peer links, and the
+//! rules that keep a node from answering for a cluster it cannot reach.
+//!
+//! Client requests that change state are not applied here: they go to the
+//! node's queue (`Node::submit_request`), are committed through the leader,
+//! and are answered when the local node applies them. `ping`, `stats` and
+//! `signal` are answered from the local state at once.
+
+use std::net::SocketAddr;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use log::{error, info, warn};
+use mio::Token;
+
+use super::peer::Links;
+use super::{NetTimer, Server};
+use crate::cluster::command::Command;
+use crate::cluster::machine::{Event, node_of};
+use crate::cluster::node::{Node, NodeConfig, Outgoing};
+use crate::cluster::wire::{self, Frame};
+use crate::config::ClusterSettings;
+use crate::core::{ConnId, Core};
+use crate::protocol::{Reply, Request, encode_reply};
+
+pub(super) const PEER_LISTENER: Token = Token(usize::MAX - 4);
+/// Inbound peer links use tokens from here up, outbound ones from
+/// [`PEER_OUT_BASE`] (both far above client and monitoring tokens).
+pub(super) const PEER_IN_BASE: usize = 1 << 41;
+pub(super) const PEER_OUT_BASE: usize = 1 << 42;
+
+/// A node-loss and unavailability margin, in election timeouts.
+const UNAVAILABLE_AFTER: u64 = 3;
+
+pub(super) struct Cluster {
+    pub node: Node,
+    pub links: Option<Links>,
+    pub settings: ClusterSettings,
+    /// This node has closed its clients for want of a leader, and not
+    /// heard from one since.
+    pub leaderless: bool,
+    failed_logged: bool,
+    deliveries: Vec<(ConnId, Vec<u8>)>,
+}
+
+/// Whether a request changes replicated state (and so goes through the log).
+pub(super) fn replicated(req: &Request<'_>) -> bool {
+    !matches!(
+        req,
+        Request::Ping | Request::Stats | Request::Signal { .. } | Request::Auth { .. }
+    )
+}
+
+fn wall_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+impl Cluster {
+    /// Opens the data directory, binds the peer listener and builds the
+    /// core the node applies to.
+    pub fn open(
+        settings: &ClusterSettings,
+        core_cfg: &crate::core::Config,
+        auth: Option<super::security::AuthToken>,
+    ) -> Result<(Cluster, Core), String> {
+        let cfg = NodeConfig {
+            id: settings.node_id,
+            voters: settings.voters(),
+            cluster_id: settings.cluster_id(),
+            heartbeat_ms: settings.heartbeat_interval_ms,
+            election_ms: settings.election_timeout_ms,
+            fixed_election_ticks: None,
+        };
+        std::fs::create_dir_all(&settings.data_dir).map_err(|e| {
+            format!(
+                "cannot create --data-dir {}: {e}",
+                settings.data_dir.display()
+            )
+        })?;
+        let (mut node, recovered) = Node::open(
+            cfg,
+            &settings.data_dir,
+            wall_ns(),
+            0,
+            &crate::cluster::raft_logger(),
+        )
+        .map_err(|e| format!("--data-dir {}: {e}", settings.data_dir.display()))?;
+        if recovered.torn_bytes > 0 {
+            warn!(
+                "--data-dir {}: cut a torn record of {} bytes off the end of the log (a crash mid-write)",
+                settings.data_dir.display(),
+                recovered.torn_bytes
+            );
+        }
+        info!(
+            "cluster node {} of {:?}, data dir {} ({} log entries recovered{})",
+            settings.node_id,
+            settings.voters(),
+            settings.data_dir.display(),
+            recovered.entries.len(),
+            if recovered.fresh { ", new" } else { "" }
+        );
+        node.reincarnate(0);
+        if settings.peers.is_empty() {
+            node.campaign();
+        }
+        let core = Core::new(core_cfg.clone(), 0, Box::new(node.entropy()));
+        let links = match settings.own_addr() {
+            Some(addr) => {
+                let peers: Vec<(u64, SocketAddr)> =
+                    settings.peers.iter().map(|p| (p.id, p.addr)).collect();
+                Some(
+                    Links::bind(addr, settings.node_id, settings.cluster_id(), &peers, auth)
+                        .map_err(|e| format!("cannot listen for peers on {addr}: {e}"))?,
+                )
+            }
+            None => None,
+        };
+        Ok((
+            Cluster {
+                node,
+                links,
+                settings: settings.clone(),
+                leaderless: false,
+                failed_logged: false,
+                deliveries: Vec::new(),
+            },
+            core,
+        ))
+    }
+
+    fn election_ms(&self) -> u64 {
+        self.settings.election_timeout_ms
+    }
+}
+
+/// The id a new client connection gets. In cluster mode this node's id is
+/// in the top 16 bits, so that every node can tell whose connection an id
+/// names.
+pub(super) fn conn_id(node: Option<u64>, generation: u32, idx: usize) -> ConnId {
+    match node {
+        Some(node) => (node << 48) | (((generation & 0xffff) as u64) << 32) | idx as u64,
+        None => ((generation as u64) << 32) | idx as u64,
+    }
+}
+
+impl Server {
+    /// Queues a replicated request of connection `idx` (its frame is
+    /// `input[start..start + len]`).
+    pub(super) fn submit(&mut self, idx: usize, start: usize, len: usize) {
+        let cl = self.cluster.as_mut().expect("cluster mode");
+        let c = &mut self.conns[idx];
+        c.replicated = true;
+        cl.node.submit_request(c.id, &c.input[start..start + len]);
+    }
+
+    /// A connection is gone: the cluster must hear of it if it ever sent
+    /// a replicated request.
+    pub(super) fn cluster_disconnect(&mut self, id: ConnId, replicated: bool) {
+        if !replicated {
+            return;
+        }
+        if let Some(cl) = self.cluster.as_mut() {
+            cl.node
+                .submit(|origin| Command::Disconnect { origin, conn: id });
+        }
+    }
+
+    /// Appends the `cluster` object to a `stats` body.
+    pub(super) fn cluster_stats(&mut self) {
+        let Some(cl) = self.cluster.as_ref() else {
+            return;
+        };
+        let json = &mut self.outbox.json;
+        if json.last() != Some(&b'}') {
+            return;
+        }
+        json.pop();
+        let st = cl.node.stats;
+        let peers = cl.links.as_ref().map_or(0, |l| l.connected());
+        use std::io::Write;
+        let _ = write!(
+            json,
+            ",\"cluster\":{{\"node_id\":{},\"leader_id\":{},\"term\":{},\"role\":\"{}\",\"voters\":{},\"peers_connected\":{},\"commit_index\":{},\"applied_index\":{},\"leader_changes\":{},\"proposals\":{},\"fsyncs\":{},\"log_bytes\":{}}}}}",
+            cl.node.id(),
+            cl.node.leader(),
+            cl.node.term(),
+            if cl.node.is_leader() {
+                "leader"
+            } else {
+                "follower"
+            },
+            cl.settings.voters().len(),
+            peers,
+            st.commit,
+            st.applied,
+            st.leader_changes,
+            st.proposals,
+            st.fsyncs,
+            st.log_bytes,
+        );
+    }
+
+    /// Whether this node is ready to serve (for `/ready`).
+    pub(super) fn cluster_ready(&self) -> Result<(), &'static str> {
+        match &self.cluster {
+            None => Ok(()),
+            Some(cl) if cl.node.failed().is_some() => Err("storage failed"),
+            Some(cl) if cl.node.leader() == 0 => Err("no leader"),
+            Some(cl) if !cl.node.caught_up() => Err("catching up"),
+            Some(_) => Ok(()),
+        }
+    }
+
+    pub(super) fn on_peer_event(&mut self, token: usize) {
+        let now = self.now;
+        let Some(cl) = self.cluster.as_mut() else {
+            return;
+        };
+        let Some(links) = cl.links.as_mut() else {
+            return;
+        };
+        let registry = self.poll.registry();
+        if token == PEER_LISTENER.0 {
+            links.accept(registry, now, |i| Token(PEER_IN_BASE + i));
+        } else if token >= PEER_OUT_BASE {
+            links.on_outbound_event(registry, token - PEER_OUT_BASE, now);
+        } else {
+            let node = &mut cl.node;
+            let deliveries = &mut cl.deliveries;
+            links.read_inbound(registry, token - PEER_IN_BASE, |from, frame| match frame {
+                Frame::Raft(body) => match wire::decode_raft(body) {
+                    Some(msg) if msg.from == from => {
+                        node.step(now, msg);
+                        true
+                    }
+                    _ => false,
+                },
+                Frame::Forward(cmds) => node.on_forward(now, from, cmds),
+                Frame::Deliver { conn, line } => {
+                    if node_of(conn) == node.id() && line.len() <= wire::MAX_FRAME {
+                        deliveries.push((conn, line.to_vec()));
+                    }
+                    true
+                }
+                Frame::Hello { .. } => false,
+            });
+        }
+        self.deliver_signals();
+    }
+
+    /// Pushes signal lines other nodes sent for our connections.
+    fn deliver_signals(&mut self) {
+        let Some(cl) = self.cluster.as_mut() else {
+            return;
+        };
+        let deliveries = std::mem::take(&mut cl.deliveries);
+        for (conn, line) in &deliveries {
+            self.outbox.signal.clear();
+            self.outbox.signal.extend_from_slice(line);
+            self.outbox.replies.push((*conn, Reply::Signal));
+            self.dispatch(None);
+        }
+        if let Some(cl) = self.cluster.as_mut() {
+            cl.deliveries = deliveries;
+            cl.deliveries.clear();
+        }
+    }
+
+    /// A signal for a connection of another node: sent over the peer link.
+    pub(super) fn forward_signal(&mut self, conn: ConnId) {
+        let Some(cl) = self.cluster.as_mut() else {
+            return;
+        };
+        let to = node_of(conn);
+        if to == cl.settings.node_id {
+            return;
+        }
+        let line = &self.outbox.signal;
+        if let Some(links) = cl.links.as_mut() {
+            links.send(to, |out| wire::encode_deliver(out, conn, line));
+        }
+    }
+
+    /// Every heartbeat interval: the Raft tick, peer reconnects, the hello
+    /// deadline, and the no-leader rule.
+    pub(super) fn on_raft_tick(&mut self) {
+        let now = self.now;
+        let Some(cl) = self.cluster.as_mut() else {
+            return;
+        };
+        cl.node.tick();
+        if let Some(links) = cl.links.as_mut() {
+            let registry = self.poll.registry();
+            links.connect_due(registry, now, |i| Token(PEER_OUT_BASE + i));
+            links.expire_hellos(registry, now);
+        }
+        let every = cl.settings.heartbeat_interval_ms;
+        self.timers.insert(now + every, NetTimer::RaftTick);
+        self.enforce_leader_contact();
+    }
+
+    /// A node that has heard from no leader for 3 election timeouts closes
+    /// its client connections: their holders must not go on believing they
+    /// hold, since the others will give their locks away (at 6 timeouts).
+    /// Requests that waited that long for a leader get `error_unavailable`.
+    fn enforce_leader_contact(&mut self) {
+        let now = self.now;
+        let Some(cl) = self.cluster.as_mut() else {
+            return;
+        };
+        let contact = cl.node.leader_contact_ms();
+        let margin = UNAVAILABLE_AFTER * cl.election_ms();
+        if now < contact + margin {
+            if cl.leaderless {
+                info!("in contact with a leader again (node {})", cl.node.leader());
+                cl.leaderless = false;
+            }
+            return;
+        }
+        if !cl.leaderless {
+            cl.leaderless = true;
+            warn!(
+                "no leader for {} ms: closing {} client connections (their locks will be released by the cluster)",
+                now - contact,
+                self.conns.len()
+            );
+        }
+        let doomed: Vec<(usize, bool)> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| {
+                c.opened_ms <= contact || (c.blocked && c.last_request_ms + margin <= now)
+            })
+            .map(|(i, c)| (i, c.blocked))
+            .collect();
+        for (idx, blocked) in doomed {
+            if blocked {
+                let c = &mut self.conns[idx];
+                encode_reply(&Reply::ErrorUnavailable, &[], &mut c.output);
+                let _ = c.flush();
+            }
+            self.close(idx, "no leader");
+        }
+    }
+
+    /// Drives the node once: proposals, `Ready`, applied replies, and the
+    /// messages for peers.
+    pub(super) fn cluster_turn(&mut self) {
+        let now = self.now;
+        let Some(cl) = self.cluster.as_mut() else {
+            return;
+        };
+        if cl.node.failed().is_some() {
+            return;
+        }
+        if let Err(e) = cl.node.drive(now, &mut self.core, &mut self.outbox) {
+            if !cl.failed_logged {
+                cl.failed_logged = true;
+                error!(
+                    "cluster node {} stops acknowledging: {e}",
+                    cl.settings.node_id
+                );
+            }
+        }
+        let events = std::mem::take(&mut cl.node.events);
+        let mut stale = false;
+        for ev in &events {
+            match *ev {
+                Event::Stale { incarnation } => {
+                    if incarnation == cl.node.incarnation() {
+                        stale = true;
+                    }
+                }
+                Event::NodeLost {
+                    node,
+                    incarnation,
+                    connections,
+                } => warn!(
+                    "node {node} (incarnation {incarnation}) declared lost: its {connections} client connections were closed by the cluster"
+                ),
+                Event::Applied { .. } => {}
+            }
+        }
+        // Messages for peers.
+        let out = std::mem::take(&mut cl.node.out);
+        if let Some(links) = cl.links.as_mut() {
+            for (to, msg) in &out {
+                match msg {
+                    Outgoing::Raft(m) => links.send(*to, |b| wire::encode_raft(b, m)),
+                    Outgoing::Forward(cmds) => links.send(*to, |b| wire::encode_forward(b, cmds)),
+                }
+            }
+        }
+        self.dispatch(None);
+        if stale {
+            self.restart_incarnation();
+        }
+    }
+
+    /// The cluster declared this node's process lost (it was cut off):
+    /// every client connection is closed and the node starts afresh.
+    fn restart_incarnation(&mut self) {
+        warn!(
+            "the cluster declared this node lost: closing {} client connections",
+            self.conns.len()
+        );
+        let ids: Vec<usize> = self.conns.iter().map(|(i, _)| i).collect();
+        for idx in ids {
+            if let Some(c) = self.conns.get_mut(idx) {
+                c.replicated = false;
+            }
+            self.close(idx, "node declared lost");
+        }
+        if let Some(cl) = self.cluster.as_mut() {
+            cl.node.reincarnate(wall_ns());
+        }
+    }
+
+    /// Writes what peer links have queued.
+    pub(super) fn flush_peers(&mut self) {
+        let now = self.now;
+        if let Some(links) = self.cluster.as_mut().and_then(|c| c.links.as_mut()) {
+            links.flush(self.poll.registry(), now);
+        }
+    }
+
+    /// Whether the node has work another drive would do now.
+    pub(super) fn cluster_pending(&self) -> bool {
+        self.cluster
+            .as_ref()
+            .is_some_and(|cl| cl.node.failed().is_none() && cl.node.has_unsent())
+    }
+}

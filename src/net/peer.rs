@@ -1,0 +1,424 @@
+//! Peer links of cluster mode: the peer listener, one outbound connection to
+//! every other member (this node sends only on those) and the inbound ones
+//! the others dialled (it receives only on those).
+//!
+//! An outbound link starts with this node's hello; an inbound link must
+//! start with a valid hello (right cluster id, a member's id, the proof of
+//! the auth token when one is set) within [`HELLO_TIMEOUT_MS`], or it is
+//! closed. Any framing error closes the link; raft-rs resends what a lost
+//! link dropped, and a node's forwarded commands are sent again by it.
+
+use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+
+use log::{debug, info, warn};
+use mio::net::{TcpListener, TcpStream};
+use mio::{Interest, Registry, Token};
+use slab::Slab;
+
+use super::security::AuthToken;
+use crate::cluster::wire::{self, Frame};
+
+/// How long an inbound peer connection may take to send its hello.
+pub const HELLO_TIMEOUT_MS: u64 = 5_000;
+/// Unsent bytes past which an outbound link is reset (its peer is not
+/// reading; Raft will catch it up from the log when it reads again).
+const OUTBOUND_CAP: usize = 64 << 20;
+const RETRY_MIN_MS: u64 = 50;
+const RETRY_MAX_MS: u64 = 1_000;
+/// Most inbound peer connections at once (members reconnecting, strays).
+const MAX_INBOUND: usize = 64;
+
+pub struct Inbound {
+    stream: TcpStream,
+    peer: SocketAddr,
+    input: Vec<u8>,
+    /// The member that said hello.
+    node: Option<u64>,
+    opened_ms: u64,
+}
+
+pub struct Outbound {
+    pub id: u64,
+    addr: SocketAddr,
+    stream: Option<TcpStream>,
+    connected: bool,
+    output: Vec<u8>,
+    written: usize,
+    pub retry_at: Option<u64>,
+    backoff_ms: u64,
+    /// Logged once per outage.
+    down_logged: bool,
+}
+
+pub struct Links {
+    pub listener: TcpListener,
+    pub inbound: Slab<Inbound>,
+    pub outbound: Vec<Outbound>,
+    self_id: u64,
+    cluster_id: u64,
+    members: Vec<u64>,
+    hello: Vec<u8>,
+    auth: Option<AuthToken>,
+    scratch: Vec<u8>,
+}
+
+impl Links {
+    pub fn bind(
+        addr: SocketAddr,
+        self_id: u64,
+        cluster_id: u64,
+        peers: &[(u64, SocketAddr)],
+        auth: Option<AuthToken>,
+    ) -> io::Result<Links> {
+        let listener = TcpListener::bind(addr)?;
+        let proof = auth
+            .as_ref()
+            .map(|a| a.peer_proof(cluster_id).to_vec())
+            .unwrap_or_default();
+        let mut hello = Vec::new();
+        wire::encode_hello(&mut hello, cluster_id, self_id, &proof);
+        let outbound = peers
+            .iter()
+            .filter(|(id, _)| *id != self_id)
+            .map(|&(id, addr)| Outbound {
+                id,
+                addr,
+                stream: None,
+                connected: false,
+                output: Vec::new(),
+                written: 0,
+                retry_at: Some(0),
+                backoff_ms: RETRY_MIN_MS,
+                down_logged: false,
+            })
+            .collect();
+        Ok(Links {
+            listener,
+            inbound: Slab::new(),
+            outbound,
+            self_id,
+            cluster_id,
+            members: peers.iter().map(|p| p.0).collect(),
+            hello,
+            auth,
+            scratch: vec![0; 64 * 1024],
+        })
+    }
+
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Accepts inbound peer connections; `token_of(idx)` names their poll token.
+    pub fn accept(&mut self, registry: &Registry, now: u64, token_of: impl Fn(usize) -> Token) {
+        loop {
+            let (mut stream, peer) = match self.listener.accept() {
+                Ok(a) => a,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    debug!("peer accept failed: {e}");
+                    return;
+                }
+            };
+            if self.inbound.len() >= MAX_INBOUND {
+                warn!("refusing peer connection from {peer}: {MAX_INBOUND} already open");
+                continue;
+            }
+            let _ = stream.set_nodelay(true);
+            let entry = self.inbound.vacant_entry();
+            if registry
+                .register(&mut stream, token_of(entry.key()), Interest::READABLE)
+                .is_err()
+            {
+                continue;
+            }
+            entry.insert(Inbound {
+                stream,
+                peer,
+                input: Vec::new(),
+                node: None,
+                opened_ms: now,
+            });
+        }
+    }
+
+    /// Reads an inbound link and hands each complete frame to `on_frame`
+    /// (with the member it came from). A `false` from `on_frame`, a framing
+    /// error, a bad hello or EOF closes the link.
+    pub fn read_inbound(
+        &mut self,
+        registry: &Registry,
+        idx: usize,
+        mut on_frame: impl FnMut(u64, Frame<'_>) -> bool,
+    ) {
+        let Some(link) = self.inbound.get_mut(idx) else {
+            return;
+        };
+        let mut close = None;
+        loop {
+            match link.stream.read(&mut self.scratch) {
+                Ok(0) => {
+                    close = Some("closed by the peer".to_string());
+                    break;
+                }
+                Ok(n) => link.input.extend_from_slice(&self.scratch[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    close = Some(format!("read error: {e}"));
+                    break;
+                }
+            }
+            // Frames are handled as they complete so the buffer stays small.
+            if link.input.len() >= 1 << 20 {
+                break;
+            }
+        }
+        let mut at = 0;
+        while close.is_none() {
+            let max = if link.node.is_some() {
+                wire::MAX_FRAME
+            } else {
+                wire::MAX_HELLO
+            };
+            let (frame, n) = match wire::decode(&link.input[at..], max) {
+                Ok(Some(x)) => x,
+                Ok(None) => break,
+                Err(e) => {
+                    close = Some(format!("bad frame: {e}"));
+                    break;
+                }
+            };
+            at += n;
+            match (link.node, frame) {
+                (
+                    None,
+                    Frame::Hello {
+                        cluster_id,
+                        node,
+                        proof,
+                    },
+                ) => {
+                    if cluster_id != self.cluster_id {
+                        close = Some(format!(
+                            "hello from another cluster (id {cluster_id:016x}, ours {:016x}): check --peers on every node",
+                            self.cluster_id
+                        ));
+                    } else if node == self.self_id || !self.members.contains(&node) {
+                        close = Some(format!("hello from unknown node {node}"));
+                    } else if let Some(auth) = &self.auth
+                        && !auth.verify_peer_proof(cluster_id, proof)
+                    {
+                        close = Some(format!(
+                            "node {node} did not prove the auth token (same --auth-token on every node?)"
+                        ));
+                    } else {
+                        info!("peer link from node {node} ({}) up", link.peer);
+                        link.node = Some(node);
+                    }
+                }
+                (None, _) => close = Some("no hello".into()),
+                (Some(_), Frame::Hello { .. }) => close = Some("a second hello".into()),
+                (Some(node), frame) => {
+                    if !on_frame(node, frame) {
+                        close = Some(format!("undecodable message from node {node}"));
+                    }
+                }
+            }
+        }
+        link.input.drain(..at);
+        if let Some(why) = close {
+            self.close_inbound(registry, idx, &why);
+        } else if link.input.len() >= 1 << 20 {
+            // More to read: the poller will not signal again for data
+            // already waiting, so go on now.
+            self.read_inbound(registry, idx, on_frame);
+        }
+    }
+
+    pub fn close_inbound(&mut self, registry: &Registry, idx: usize, why: &str) {
+        let Some(mut link) = self.inbound.try_remove(idx) else {
+            return;
+        };
+        let _ = registry.deregister(&mut link.stream);
+        match link.node {
+            Some(node) => info!("peer link from node {node} ({}) down: {why}", link.peer),
+            None => warn!("peer connection from {} closed: {why}", link.peer),
+        }
+    }
+
+    /// Closes inbound links that said no hello in time.
+    pub fn expire_hellos(&mut self, registry: &Registry, now: u64) {
+        let late: Vec<usize> = self
+            .inbound
+            .iter()
+            .filter(|(_, l)| l.node.is_none() && now >= l.opened_ms + HELLO_TIMEOUT_MS)
+            .map(|(i, _)| i)
+            .collect();
+        for idx in late {
+            self.close_inbound(registry, idx, "no hello in time");
+        }
+    }
+
+    /// Queues a frame for member `to`, written by [`flush`](Self::flush).
+    /// Dropped when the link is down (Raft resends; forwards are retried).
+    pub fn send(&mut self, to: u64, encode: impl FnOnce(&mut Vec<u8>)) {
+        let Some(link) = self.outbound.iter_mut().find(|l| l.id == to) else {
+            return;
+        };
+        if link.stream.is_none() {
+            return;
+        }
+        encode(&mut link.output);
+    }
+
+    /// (Re)connects outbound links whose retry time has come.
+    pub fn connect_due(
+        &mut self,
+        registry: &Registry,
+        now: u64,
+        token_of: impl Fn(usize) -> Token,
+    ) {
+        for (i, link) in self.outbound.iter_mut().enumerate() {
+            if link.stream.is_some() || link.retry_at.is_none_or(|t| t > now) {
+                continue;
+            }
+            match TcpStream::connect(link.addr) {
+                Ok(mut s) => {
+                    if registry
+                        .register(&mut s, token_of(i), Interest::READABLE | Interest::WRITABLE)
+                        .is_err()
+                    {
+                        link.retry_at = Some(now + link.backoff_ms);
+                        continue;
+                    }
+                    let _ = s.set_nodelay(true);
+                    link.stream = Some(s);
+                    link.connected = false;
+                    link.retry_at = None;
+                    link.output.clear();
+                    link.written = 0;
+                    link.output.extend_from_slice(&self.hello);
+                }
+                Err(e) => {
+                    if !link.down_logged {
+                        warn!("peer link to node {} ({}): {e}", link.id, link.addr);
+                        link.down_logged = true;
+                    }
+                    link.retry_at = Some(now + link.backoff_ms);
+                    link.backoff_ms = (link.backoff_ms * 2).min(RETRY_MAX_MS);
+                }
+            }
+        }
+    }
+
+    /// An event on outbound link `i`: it connected, failed, or can write.
+    pub fn on_outbound_event(&mut self, registry: &Registry, i: usize, now: u64) {
+        let Some(link) = self.outbound.get_mut(i) else {
+            return;
+        };
+        let Some(stream) = link.stream.as_mut() else {
+            return;
+        };
+        if !link.connected {
+            match stream.take_error() {
+                Ok(None) => {}
+                Ok(Some(e)) | Err(e) => {
+                    let why = e.to_string();
+                    Self::reset(registry, link, now, &why);
+                    return;
+                }
+            }
+            match stream.peer_addr() {
+                Ok(_) => {
+                    link.connected = true;
+                    link.backoff_ms = RETRY_MIN_MS;
+                    link.down_logged = false;
+                    info!("peer link to node {} ({}) up", link.id, link.addr);
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotConnected => return,
+                Err(e) => {
+                    let why = e.to_string();
+                    Self::reset(registry, link, now, &why);
+                    return;
+                }
+            }
+        }
+        // The peer never sends on this link: a readable event is its EOF.
+        let mut byte = [0u8; 64];
+        match stream.read(&mut byte) {
+            Ok(0) => {
+                Self::reset(registry, link, now, "closed by the peer");
+                return;
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => {
+                let why = e.to_string();
+                Self::reset(registry, link, now, &why);
+                return;
+            }
+        }
+        Self::flush_one(registry, link, now);
+    }
+
+    /// Writes what every connected outbound link has queued.
+    pub fn flush(&mut self, registry: &Registry, now: u64) {
+        for link in &mut self.outbound {
+            Self::flush_one(registry, link, now);
+        }
+    }
+
+    fn flush_one(registry: &Registry, link: &mut Outbound, now: u64) {
+        if !link.connected || link.written == link.output.len() {
+            return;
+        }
+        let Some(stream) = link.stream.as_mut() else {
+            return;
+        };
+        while link.written < link.output.len() {
+            match stream.write(&link.output[link.written..]) {
+                Ok(0) => break,
+                Ok(n) => link.written += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    let why = e.to_string();
+                    Self::reset(registry, link, now, &why);
+                    return;
+                }
+            }
+        }
+        if link.written == link.output.len() {
+            link.output.clear();
+            link.written = 0;
+        } else if link.output.len() - link.written > OUTBOUND_CAP {
+            Self::reset(registry, link, now, "peer not reading");
+        } else if link.written > link.output.len() / 2 {
+            link.output.drain(..link.written);
+            link.written = 0;
+        }
+    }
+
+    fn reset(registry: &Registry, link: &mut Outbound, now: u64, why: &str) {
+        if let Some(mut s) = link.stream.take() {
+            let _ = registry.deregister(&mut s);
+        }
+        if link.connected || !link.down_logged {
+            warn!("peer link to node {} ({}) down: {why}", link.id, link.addr);
+            link.down_logged = true;
+        }
+        link.connected = false;
+        link.output.clear();
+        link.written = 0;
+        link.retry_at = Some(now + link.backoff_ms);
+        link.backoff_ms = (link.backoff_ms * 2).min(RETRY_MAX_MS);
+    }
+
+    /// Members with a working outbound link, for `stats`.
+    pub fn connected(&self) -> usize {
+        self.outbound.iter().filter(|l| l.connected).count()
+    }
+}
