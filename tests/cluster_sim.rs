@@ -16,7 +16,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use dflockd::cluster::machine::{Event, node_of};
-use dflockd::cluster::node::{Node, NodeConfig, Outgoing};
+use dflockd::cluster::node::{Node, NodeConfig, Outgoing, Standby};
 use dflockd::cluster::raft_logger;
 use dflockd::cluster::wire;
 use dflockd::core::{Config, ConnId, Core, Outbox};
@@ -174,6 +174,26 @@ impl Sim {
             }
         }
         let ids: Vec<u64> = self.nodes.keys().copied().collect();
+        // Hellos: a node started with an empty log learns from its peers
+        // whether the cluster is new (as the peer links' hellos tell it).
+        let states: Vec<(u64, bool)> = ids
+            .iter()
+            .map(|&i| (i, self.nodes[&i].node.has_state()))
+            .collect();
+        for &id in &ids {
+            if !matches!(self.nodes[&id].node.standby(), Standby::Undecided { .. }) {
+                continue;
+            }
+            for &(peer, has_state) in &states {
+                if peer != id && self.linked(id, peer) {
+                    self.nodes
+                        .get_mut(&id)
+                        .unwrap()
+                        .node
+                        .peer_hello(peer, has_state);
+                }
+            }
+        }
         for id in ids {
             let n = self.nodes.get_mut(&id).unwrap();
             if mono % HB == 0 {
@@ -335,4 +355,42 @@ fn a_holder_keeps_its_lock_through_a_leader_crash() {
     sim.start(leader);
     sim.run(10 * ET);
     assert_eq!(sim.nodes[&leader].core.holders(), 1, "seed {seed}");
+}
+
+#[test]
+fn a_wiped_node_neither_votes_nor_campaigns_until_it_has_caught_up() {
+    let seed = seed() ^ 2;
+    let mut sim = Sim::new(seed, 3);
+    sim.run(3 * ET);
+    let leader = sim.leader().expect("a leader");
+    let a = conn(leader, 1);
+    sim.request(leader, a, "l\nk\n0\n");
+    assert!(sim.await_reply(a, 200).unwrap().starts_with("ok "));
+    let wiped = sim.ids.iter().copied().find(|&i| i != leader).unwrap();
+    sim.crash(wiped);
+    std::fs::remove_dir_all(sim.dir.join(wiped.to_string())).unwrap();
+    // Alone with nobody to tell it, it stays undecided and never campaigns.
+    let others: Vec<u64> = sim.ids.iter().copied().filter(|&i| i != wiped).collect();
+    for &o in &others {
+        sim.cut.push((wiped, o));
+    }
+    sim.start(wiped);
+    sim.run(10 * ET);
+    assert!(matches!(
+        sim.nodes[&wiped].node.standby(),
+        Standby::Undecided { .. }
+    ));
+    assert_eq!(sim.nodes[&wiped].node.term(), 0, "it never campaigned");
+    // Reconnected: a peer has state, so it recovers, then votes again.
+    sim.cut.clear();
+    sim.step();
+    sim.step();
+    assert_eq!(sim.nodes[&wiped].node.standby(), &Standby::Recovering);
+    sim.run(10 * ET);
+    assert_eq!(sim.nodes[&wiped].node.standby(), &Standby::Active);
+    assert_eq!(
+        sim.nodes[&wiped].core.holders(),
+        1,
+        "caught up: seed {seed}"
+    );
 }

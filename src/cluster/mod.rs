@@ -13,6 +13,7 @@
 pub mod command;
 pub mod machine;
 pub mod node;
+pub mod store;
 pub mod wire;
 
 /// Routes raft-rs's `slog` records into the `log` crate (target `raft`).

@@ -17,12 +17,12 @@ use std::collections::VecDeque;
 
 use hashbrown::HashMap;
 use log::{info, warn};
-use raft::prelude::{ConfState, Entry, EntryType, HardState, Message, MessageType};
-use raft::storage::MemStorage;
+use raft::prelude::{Entry, EntryType, HardState, Message, MessageType};
 use raft::{RawNode, StateRole};
 
 use super::command::{BatchHeader, Command, Commands, Origin, batch_now, begin_batch};
 use super::machine::{Event, Machine, ReplicatedEntropy};
+use super::store::Store;
 use crate::core::{ConnId, Core, Outbox};
 use crate::storage::wal::{self, Identity, Wal};
 
@@ -81,18 +81,35 @@ pub struct NodeStats {
     pub log_bytes: u64,
     pub applied: u64,
     pub commit: u64,
+    /// This node's commands applied, and their queue-to-apply time.
+    pub commits: u64,
+    pub commit_us_total: u64,
+    pub snapshot_index: u64,
+    pub snapshot_bytes: u64,
+}
+
+/// Whether a node may vote and campaign.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Standby {
+    /// It may.
+    Active,
+    /// Its data dir was empty: is the cluster new, or did this node lose
+    /// its log (and with it the votes it cast)? Peers' hellos will tell.
+    Undecided { fresh_peers: Vec<u64> },
+    /// A peer has state, so this node lost its log: it neither votes nor
+    /// campaigns until it has caught up from a leader.
+    Recovering,
 }
 
 pub struct Node {
     cfg: NodeConfig,
-    raw: RawNode<MemStorage>,
-    mem: MemStorage,
+    raw: RawNode<Store>,
     wal: Wal,
     machine: Machine,
     incarnation: u64,
     next_seq: u64,
     /// This node's commands not yet applied, oldest first.
-    outstanding: VecDeque<(u64, Vec<u8>)>,
+    outstanding: VecDeque<(u64, Vec<u8>, std::time::Instant)>,
     /// Highest seq sent to the current leader (or batched, as leader).
     sent_upto: u64,
     /// Highest seq of this node applied.
@@ -120,6 +137,7 @@ pub struct Node {
     pub events: Vec<Event>,
     pub stats: NodeStats,
     failed: Option<String>,
+    standby: Standby,
 }
 
 impl Node {
@@ -138,31 +156,25 @@ impl Node {
             cluster_id: cfg.cluster_id,
         };
         let (wal, recovered) = Wal::open(dir, identity).map_err(NodeError::Storage)?;
-        let mem = MemStorage::new_with_conf_state(ConfState::from((cfg.voters.clone(), vec![])));
+        let mut store = Store::new(&cfg.voters);
         let mut max_now_seen = 0;
-        {
-            let mut w = mem.wl();
-            let entries: Vec<Entry> = recovered
-                .entries
-                .iter()
-                .map(|e| {
-                    if let Some(now) = batch_now(&e.data) {
-                        max_now_seen = max_now_seen.max(now);
-                    }
-                    raft_entry(e.index, e.term, e.data.clone())
-                })
-                .collect();
-            if !entries.is_empty() {
-                w.append(&entries).map_err(NodeError::Raft)?;
-            }
-            let hs = recovered.hard_state;
-            let mut h = HardState::default();
-            h.term = hs.term;
-            h.vote = hs.vote;
-            let last = recovered.entries.last().map_or(0, |e| e.index);
-            h.commit = hs.commit.min(last);
-            w.set_hardstate(h);
-        }
+        let entries: Vec<Entry> = recovered
+            .entries
+            .iter()
+            .map(|e| {
+                if let Some(now) = batch_now(&e.data) {
+                    max_now_seen = max_now_seen.max(now);
+                }
+                raft_entry(e.index, e.term, e.data.clone())
+            })
+            .collect();
+        store.append(&entries);
+        let hs = recovered.hard_state;
+        let mut h = HardState::default();
+        h.term = hs.term;
+        h.vote = hs.vote;
+        h.commit = hs.commit.min(store.last());
+        store.set_hard_state(h);
         let mut rc = raft::Config {
             id: cfg.id,
             election_tick: cfg.election_ticks(),
@@ -180,13 +192,20 @@ impl Node {
             rc.max_election_tick = t + 1;
         }
         rc.validate().map_err(NodeError::Raft)?;
-        let raw = RawNode::new(&rc, mem.clone(), logger).map_err(NodeError::Raft)?;
+        let raw = RawNode::new(&rc, store, logger).map_err(NodeError::Raft)?;
         let entropy = ReplicatedEntropy::default();
+        let standby = if recovered.fresh && cfg.voters.len() > 1 {
+            Standby::Undecided {
+                fresh_peers: Vec::new(),
+            }
+        } else {
+            Standby::Active
+        };
         let node = Node {
+            standby,
             machine: Machine::new(cfg.id, entropy),
             cfg,
             raw,
-            mem,
             wal,
             incarnation,
             next_seq: 1,
@@ -281,7 +300,8 @@ impl Node {
         self.next_seq += 1;
         let mut buf = Vec::new();
         make(origin).encode(&mut buf);
-        self.outstanding.push_back((origin.seq, buf));
+        self.outstanding
+            .push_back((origin.seq, buf, std::time::Instant::now()));
         origin.seq
     }
 
@@ -300,7 +320,8 @@ impl Node {
             frame,
         }
         .encode(&mut buf);
-        self.outstanding.push_back((origin.seq, buf));
+        self.outstanding
+            .push_back((origin.seq, buf, std::time::Instant::now()));
         origin.seq
     }
 
@@ -330,14 +351,66 @@ impl Node {
             && self
                 .outstanding
                 .back()
-                .is_some_and(|(s, _)| *s > self.sent_upto)
+                .is_some_and(|(s, ..)| *s > self.sent_upto)
+    }
+
+    /// Whether this node has a log or a term (its hellos say so).
+    pub fn has_state(&self) -> bool {
+        self.raw.raft.term > 0 || self.raw.store().last() > 0
+    }
+
+    pub fn standby(&self) -> &Standby {
+        &self.standby
+    }
+
+    /// A peer's hello: whether it has state decides whether this node,
+    /// started with an empty data dir, joins a new cluster or recovers.
+    pub fn peer_hello(&mut self, from: u64, has_state: bool) {
+        let majority = self.cfg.voters.len() / 2 + 1;
+        let Standby::Undecided { fresh_peers } = &mut self.standby else {
+            return;
+        };
+        if has_state {
+            warn!(
+                "node {}: the data dir was empty but node {from} has state: this node lost its log, so it will not vote or campaign until it has caught up from the leader",
+                self.cfg.id
+            );
+            self.standby = Standby::Recovering;
+            return;
+        }
+        if !fresh_peers.contains(&from) {
+            fresh_peers.push(from);
+        }
+        if fresh_peers.len() + 1 >= majority {
+            info!(
+                "node {}: a majority of members are new and empty: bootstrapping a new cluster",
+                self.cfg.id
+            );
+            self.standby = Standby::Active;
+        }
     }
 
     /// A message from peer `from`.
-    pub fn step(&mut self, mono: u64, msg: Message) {
+    pub fn step(&mut self, mono: u64, mut msg: Message) {
         let from = msg.from;
+        if msg.get_msg_type() == MessageType::MsgHeartbeat {
+            // A leader that matched this node's log before it was wiped
+            // announces a commit index past its (now empty) log; raft-rs
+            // would panic. The next append finds the gap and refills it.
+            msg.commit = msg.commit.min(self.raw.raft.raft_log.last_index());
+        }
         self.last_heard.insert(from, mono);
         let t = msg.get_msg_type();
+        if self.standby != Standby::Active
+            && matches!(
+                t,
+                MessageType::MsgRequestVote
+                    | MessageType::MsgRequestPreVote
+                    | MessageType::MsgTimeoutNow
+            )
+        {
+            return;
+        }
         let _ = self.raw.step(msg);
         if from == self.raw.raft.leader_id
             && matches!(
@@ -369,9 +442,12 @@ impl Node {
         }
     }
 
-    /// The Raft tick (every heartbeat interval).
+    /// The Raft tick (every heartbeat interval). A node in standby does
+    /// not tick: it would campaign.
     pub fn tick(&mut self) {
-        self.raw.tick();
+        if self.standby == Standby::Active {
+            self.raw.tick();
+        }
     }
 
     /// Cluster time as this leader stamps it: the newest time in its log
@@ -401,6 +477,19 @@ impl Node {
         while self.raw.has_ready() {
             self.handle_ready(core, outbox)?;
             self.observe_leadership(mono);
+        }
+        if self.standby == Standby::Recovering
+            && self.leader != 0
+            && self.raw.store().last() > 0
+            && self.machine.applied() >= self.raw.raft.raft_log.committed
+        {
+            info!(
+                "node {}: caught up from leader node {} (index {}); voting again",
+                self.cfg.id,
+                self.leader,
+                self.machine.applied()
+            );
+            self.standby = Standby::Active;
         }
         Ok(())
     }
@@ -454,7 +543,7 @@ impl Node {
             self.sent_upto = self.applied_seq;
             self.progress_ms = mono;
         }
-        let Some(&(last, _)) = self.outstanding.back() else {
+        let Some(&(last, ..)) = self.outstanding.back() else {
             return;
         };
         if last <= self.sent_upto {
@@ -462,7 +551,7 @@ impl Node {
         }
         let first = self.sent_upto;
         if self.role == StateRole::Leader {
-            for (seq, cmd) in &self.outstanding {
+            for (seq, cmd, _) in &self.outstanding {
                 if *seq > first {
                     self.batch.extend_from_slice(cmd);
                     self.batch_cmds += 1;
@@ -470,7 +559,7 @@ impl Node {
             }
         } else {
             let mut buf = Vec::new();
-            for (seq, cmd) in &self.outstanding {
+            for (seq, cmd, _) in &self.outstanding {
                 if *seq > first {
                     buf.extend_from_slice(cmd);
                 }
@@ -574,10 +663,7 @@ impl Node {
                 }
                 self.wal.append(e.index, e.term, &e.data);
             }
-            self.mem
-                .wl()
-                .append(rd.entries())
-                .map_err(NodeError::Raft)?;
+            self.raw.mut_store().append(rd.entries());
         }
         if let Some(hs) = rd.hs() {
             self.wal.set_hard_state(&wal::HardState {
@@ -585,13 +671,13 @@ impl Node {
                 vote: hs.vote,
                 commit: hs.commit,
             });
-            self.mem.wl().set_hardstate(hs.clone());
+            self.raw.mut_store().set_hard_state(hs.clone());
         }
         self.sync()?;
         self.send(rd.take_persisted_messages());
         let mut light = self.raw.advance(rd);
         if let Some(commit) = light.commit_index() {
-            self.mem.wl().mut_hard_state().commit = commit;
+            self.raw.mut_store().set_commit(commit);
         }
         self.send(light.take_messages());
         self.apply(core, light.take_committed_entries(), outbox);
@@ -657,9 +743,12 @@ impl Node {
             while self
                 .outstanding
                 .front()
-                .is_some_and(|(s, _)| *s <= self.applied_seq)
+                .is_some_and(|(s, ..)| *s <= self.applied_seq)
             {
-                self.outstanding.pop_front();
+                if let Some((_, _, at)) = self.outstanding.pop_front() {
+                    self.stats.commits += 1;
+                    self.stats.commit_us_total += at.elapsed().as_micros() as u64;
+                }
             }
             self.progress_ms = self.mono;
         }

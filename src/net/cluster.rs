@@ -39,6 +39,8 @@ pub(super) struct Cluster {
     /// heard from one since.
     pub leaderless: bool,
     failed_logged: bool,
+    /// What this node's hellos say (see `Node::has_state`).
+    hello_has_state: bool,
     deliveries: Vec<(ConnId, Vec<u8>)>,
 }
 
@@ -117,6 +119,11 @@ impl Cluster {
             }
             None => None,
         };
+        let hello_has_state = node.has_state();
+        let mut links = links;
+        if let Some(l) = links.as_mut() {
+            l.set_has_state(hello_has_state);
+        }
         Ok((
             Cluster {
                 node,
@@ -124,6 +131,7 @@ impl Cluster {
                 settings: settings.clone(),
                 leaderless: false,
                 failed_logged: false,
+                hello_has_state,
                 deliveries: Vec::new(),
             },
             core,
@@ -202,6 +210,19 @@ impl Server {
         );
     }
 
+    /// Raft figures for `/metrics`.
+    pub(super) fn cluster_figures(&self) -> Option<super::metrics::ClusterFigures> {
+        let cl = self.cluster.as_ref()?;
+        Some(super::metrics::ClusterFigures {
+            node_id: cl.settings.node_id,
+            term: cl.node.term(),
+            leader_id: cl.node.leader(),
+            is_leader: cl.node.is_leader(),
+            peers_connected: cl.links.as_ref().map_or(0, |l| l.connected()) as u64,
+            stats: cl.node.stats,
+        })
+    }
+
     /// Whether this node is ready to serve (for `/ready`).
     pub(super) fn cluster_ready(&self) -> Result<(), &'static str> {
         match &self.cluster {
@@ -244,7 +265,14 @@ impl Server {
                     }
                     true
                 }
-                Frame::Hello { .. } => false,
+                Frame::Hello {
+                    node: peer,
+                    has_state,
+                    ..
+                } => {
+                    node.peer_hello(peer, has_state);
+                    true
+                }
             });
         }
         self.deliver_signals();
@@ -362,6 +390,12 @@ impl Server {
                     "cluster node {} stops acknowledging: {e}",
                     cl.settings.node_id
                 );
+            }
+        }
+        if !cl.hello_has_state && cl.node.has_state() {
+            cl.hello_has_state = true;
+            if let Some(links) = cl.links.as_mut() {
+                links.set_has_state(true);
             }
         }
         let events = std::mem::take(&mut cl.node.events);

@@ -109,6 +109,19 @@ pub struct Live {
     pub bytes_read: u64,
     pub bytes_written: u64,
     pub draining: bool,
+    /// Cluster mode's figures.
+    pub cluster: Option<ClusterFigures>,
+}
+
+/// Raft figures of a cluster node, for `/metrics`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ClusterFigures {
+    pub node_id: u64,
+    pub term: u64,
+    pub leader_id: u64,
+    pub is_leader: bool,
+    pub peers_connected: u64,
+    pub stats: crate::cluster::node::NodeStats,
 }
 
 impl Metrics {
@@ -269,7 +282,116 @@ impl Metrics {
         w.out.extend_from_slice(b"_count ");
         push_u64(w.out, self.turn_count);
         w.out.push(b'\n');
+        if let Some(cf) = &live.cluster {
+            encode_cluster(&mut w, cf);
+        }
     }
+}
+
+fn encode_cluster(w: &mut Writer<'_>, cf: &ClusterFigures) {
+    let st = &cf.stats;
+    w.single(
+        "dflockd_cluster_node_id",
+        "gauge",
+        "This node's id.",
+        cf.node_id,
+    );
+    w.single(
+        "dflockd_cluster_term",
+        "gauge",
+        "The current Raft term.",
+        cf.term,
+    );
+    w.single(
+        "dflockd_cluster_leader_id",
+        "gauge",
+        "The leader this node knows (0: none).",
+        cf.leader_id,
+    );
+    w.single(
+        "dflockd_cluster_is_leader",
+        "gauge",
+        "1 while this node is the leader.",
+        cf.is_leader as u64,
+    );
+    w.single(
+        "dflockd_cluster_peers_connected",
+        "gauge",
+        "Peers this node's outbound links reach.",
+        cf.peers_connected,
+    );
+    w.single(
+        "dflockd_cluster_leader_changes_total",
+        "counter",
+        "Times this node saw a new leader.",
+        st.leader_changes,
+    );
+    w.single(
+        "dflockd_cluster_proposals_total",
+        "counter",
+        "Batches proposed while leader.",
+        st.proposals,
+    );
+    w.single(
+        "dflockd_cluster_proposed_commands_total",
+        "counter",
+        "Commands in those batches.",
+        st.proposed_commands,
+    );
+    w.single(
+        "dflockd_cluster_commit_index",
+        "gauge",
+        "The highest log index known committed.",
+        st.commit,
+    );
+    w.single(
+        "dflockd_cluster_applied_index",
+        "gauge",
+        "The highest log index applied.",
+        st.applied,
+    );
+    w.single(
+        "dflockd_cluster_fsyncs_total",
+        "counter",
+        "fdatasync calls on the log (one per loop turn that appended).",
+        st.fsyncs,
+    );
+    w.single(
+        "dflockd_cluster_fsync_seconds_sum_micros",
+        "counter",
+        "Time spent in those fdatasync calls, in microseconds.",
+        st.fsync_us_total,
+    );
+    w.single(
+        "dflockd_cluster_commit_latency_micros_sum",
+        "counter",
+        "Time from queuing a command to applying it, summed over this node's commands, in microseconds.",
+        st.commit_us_total,
+    );
+    w.single(
+        "dflockd_cluster_commits_total",
+        "counter",
+        "This node's commands applied.",
+        st.commits,
+    );
+    w.single(
+        "dflockd_cluster_log_bytes",
+        "gauge",
+        "Size of the log file.",
+        st.log_bytes,
+    );
+    w.single(
+        "dflockd_cluster_snapshot_index",
+        "gauge",
+        "Index of the latest snapshot (0: none).",
+        st.snapshot_index,
+    );
+    w.single(
+        "dflockd_cluster_snapshot_bytes",
+        "gauge",
+        "Size of the latest snapshot's state.",
+        st.snapshot_bytes,
+    );
 }
 
 struct Writer<'a> {

@@ -1131,6 +1131,7 @@ impl Server {
             bytes_read: self.metrics.closed_bytes_read + read,
             bytes_written: self.metrics.closed_bytes_written + written,
             draining: self.draining,
+            cluster: self.cluster_figures(),
         }
     }
 

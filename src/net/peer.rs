@@ -59,6 +59,7 @@ pub struct Links {
     cluster_id: u64,
     members: Vec<u64>,
     hello: Vec<u8>,
+    proof: Vec<u8>,
     auth: Option<AuthToken>,
     scratch: Vec<u8>,
 }
@@ -77,7 +78,7 @@ impl Links {
             .map(|a| a.peer_proof(cluster_id).to_vec())
             .unwrap_or_default();
         let mut hello = Vec::new();
-        wire::encode_hello(&mut hello, cluster_id, self_id, &proof);
+        wire::encode_hello(&mut hello, cluster_id, self_id, false, &proof);
         let outbound = peers
             .iter()
             .filter(|(id, _)| *id != self_id)
@@ -101,9 +102,23 @@ impl Links {
             cluster_id,
             members: peers.iter().map(|p| p.0).collect(),
             hello,
+            proof,
             auth,
             scratch: vec![0; 64 * 1024],
         })
+    }
+
+    /// What this node's hellos say about it from now on (see
+    /// `Node::has_state`).
+    pub fn set_has_state(&mut self, has_state: bool) {
+        self.hello.clear();
+        wire::encode_hello(
+            &mut self.hello,
+            self.cluster_id,
+            self.self_id,
+            has_state,
+            &self.proof,
+        );
     }
 
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
@@ -145,8 +160,9 @@ impl Links {
     }
 
     /// Reads an inbound link and hands each complete frame to `on_frame`
-    /// (with the member it came from). A `false` from `on_frame`, a framing
-    /// error, a bad hello or EOF closes the link.
+    /// (with the member it came from), the accepted hello included. A
+    /// `false` from `on_frame`, a framing error, a bad hello or EOF closes
+    /// the link.
     pub fn read_inbound(
         &mut self,
         registry: &Registry,
@@ -195,10 +211,11 @@ impl Links {
             match (link.node, frame) {
                 (
                     None,
-                    Frame::Hello {
+                    hello @ Frame::Hello {
                         cluster_id,
                         node,
                         proof,
+                        ..
                     },
                 ) => {
                     if cluster_id != self.cluster_id {
@@ -217,6 +234,7 @@ impl Links {
                     } else {
                         info!("peer link from node {node} ({}) up", link.peer);
                         link.node = Some(node);
+                        on_frame(node, hello);
                     }
                 }
                 (None, _) => close = Some("no hello".into()),
