@@ -45,7 +45,6 @@ fn main() -> ExitCode {
         // Settings that cannot work (a data dir of another node, a damaged
         // log) are configuration errors.
         Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => {
-            log::error!("{e}");
             eprintln!("dflockd: {e}");
             return ExitCode::from(2);
         }

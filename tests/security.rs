@@ -3,74 +3,12 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, Read, Write};
 use std::net::TcpStream;
-use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::pki::{Pki, tls_server};
+use common::pki::{Pki, TlsClient, client_config, tls_server};
 use common::{Client, Server, token_of};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName};
-use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
-
-type TlsStream = StreamOwned<ClientConnection, TcpStream>;
-
-struct TlsClient {
-    reader: BufReader<TlsStream>,
-}
-
-fn client_config(ca: &Path, tls12_only: bool) -> Arc<ClientConfig> {
-    let mut roots = RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(ca).unwrap() {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = ClientConfig::builder_with_provider(provider);
-    let builder = if tls12_only {
-        builder.with_protocol_versions(&[&rustls::version::TLS12])
-    } else {
-        builder.with_safe_default_protocol_versions()
-    };
-    Arc::new(
-        builder
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth(),
-    )
-}
-
-impl TlsClient {
-    fn connect(port: u16, ca: &Path) -> std::io::Result<TlsClient> {
-        Self::connect_with(port, client_config(ca, false))
-    }
-
-    fn connect_with(port: u16, config: Arc<ClientConfig>) -> std::io::Result<TlsClient> {
-        let conn =
-            ClientConnection::new(config, ServerName::try_from("localhost").unwrap()).unwrap();
-        let sock = TcpStream::connect(("127.0.0.1", port))?;
-        sock.set_read_timeout(Some(Duration::from_secs(10)))?;
-        let mut stream = StreamOwned::new(conn, sock);
-        // Drive the handshake to completion now, so failures show here.
-        while stream.conn.is_handshaking() {
-            stream.conn.complete_io(&mut stream.sock)?;
-        }
-        Ok(TlsClient {
-            reader: BufReader::new(stream),
-        })
-    }
-
-    fn cmd(&mut self, cmd: &str, key: &str, arg: &str) -> String {
-        let s = self.reader.get_mut();
-        s.write_all(format!("{cmd}\n{key}\n{arg}\n").as_bytes())
-            .unwrap();
-        s.flush().unwrap();
-        let mut line = String::new();
-        self.reader.read_line(&mut line).unwrap();
-        line.trim_end().to_string()
-    }
-}
 
 #[test]
 fn every_command_over_tls() {

@@ -138,6 +138,8 @@ pub struct Node {
     pub stats: NodeStats,
     failed: Option<String>,
     standby: Standby,
+    /// This incarnation's `Join` has been applied.
+    joined: bool,
 }
 
 impl Node {
@@ -203,6 +205,7 @@ impl Node {
         };
         let node = Node {
             standby,
+            joined: false,
             machine: Machine::new(cfg.id, entropy),
             cfg,
             raw,
@@ -337,6 +340,7 @@ impl Node {
         self.next_seq = 1;
         self.sent_upto = 0;
         self.applied_seq = 0;
+        self.joined = false;
         self.submit(|origin| Command::Join { origin });
     }
 
@@ -352,6 +356,14 @@ impl Node {
                 .outstanding
                 .back()
                 .is_some_and(|(s, ..)| *s > self.sent_upto)
+    }
+
+    /// Whether this process's `Join` has been applied. Until then, what the
+    /// node applies (its log replayed at start, or entries caught up) is
+    /// about connections of its earlier processes: their replies must not
+    /// reach the new connections that may reuse their ids.
+    pub fn joined(&self) -> bool {
+        self.joined
     }
 
     /// Whether this node has a log or a term (its hellos say so).
@@ -736,6 +748,7 @@ impl Node {
             {
                 if incarnation == self.incarnation {
                     self.applied_seq = self.applied_seq.max(seq);
+                    self.joined = true;
                 }
             }
         }

@@ -41,6 +41,8 @@ pub(super) struct Cluster {
     failed_logged: bool,
     /// What this node's hellos say (see `Node::has_state`).
     hello_has_state: bool,
+    /// Whether the node had rejoined at the end of the last turn.
+    was_joined: bool,
     deliveries: Vec<(ConnId, Vec<u8>)>,
 }
 
@@ -65,7 +67,18 @@ impl Cluster {
         settings: &ClusterSettings,
         core_cfg: &crate::core::Config,
         auth: Option<super::security::AuthToken>,
+        tls: Option<&(
+            std::sync::Arc<rustls::ServerConfig>,
+            super::security::TlsSource,
+        )>,
     ) -> Result<(Cluster, Core), String> {
+        let peer_tls = match tls {
+            Some((server, source)) => Some(super::peer::PeerTls {
+                server: server.clone(),
+                client: super::security::peer_client_config(source)?,
+            }),
+            None => None,
+        };
         let cfg = NodeConfig {
             id: settings.node_id,
             voters: settings.voters(),
@@ -113,8 +126,15 @@ impl Cluster {
                 let peers: Vec<(u64, SocketAddr)> =
                     settings.peers.iter().map(|p| (p.id, p.addr)).collect();
                 Some(
-                    Links::bind(addr, settings.node_id, settings.cluster_id(), &peers, auth)
-                        .map_err(|e| format!("cannot listen for peers on {addr}: {e}"))?,
+                    Links::bind(
+                        addr,
+                        settings.node_id,
+                        settings.cluster_id(),
+                        &peers,
+                        auth,
+                        peer_tls,
+                    )
+                    .map_err(|e| format!("cannot listen for peers on {addr}: {e}"))?,
                 )
             }
             None => None,
@@ -132,6 +152,7 @@ impl Cluster {
                 leaderless: false,
                 failed_logged: false,
                 hello_has_state,
+                was_joined: false,
                 deliveries: Vec::new(),
             },
             core,
@@ -148,10 +169,19 @@ impl Cluster {
 /// names.
 pub(super) fn conn_id(node: Option<u64>, generation: u32, idx: usize) -> ConnId {
     match node {
-        Some(node) => (node << 48) | (((generation & 0xffff) as u64) << 32) | idx as u64,
+        Some(node) => {
+            (node << 48)
+                | (((generation & 0xff_ffff) as u64) << 24)
+                | (idx as u64 & CLUSTER_IDX_MASK)
+        }
         None => ((generation as u64) << 32) | idx as u64,
     }
 }
+
+/// The slab index bits of a cluster-mode connection id (24: at most 16 M
+/// connections per node; 24 bits of generation make reuse of an id take 16 M
+/// connections on one slot).
+pub(super) const CLUSTER_IDX_MASK: u64 = 0xff_ffff;
 
 impl Server {
     /// Queues a replicated request of connection `idx` (its frame is
@@ -283,7 +313,11 @@ impl Server {
         let Some(cl) = self.cluster.as_mut() else {
             return;
         };
-        let deliveries = std::mem::take(&mut cl.deliveries);
+        let mut deliveries = std::mem::take(&mut cl.deliveries);
+        if !cl.node.joined() {
+            // For connections of an earlier process (see `cluster_turn`).
+            deliveries.clear();
+        }
         for (conn, line) in &deliveries {
             self.outbox.signal.clear();
             self.outbox.signal.extend_from_slice(line);
@@ -383,7 +417,23 @@ impl Server {
         if cl.node.failed().is_some() {
             return;
         }
-        if let Err(e) = cl.node.drive(now, &mut self.core, &mut self.outbox) {
+        let result = cl.node.drive(now, &mut self.core, &mut self.outbox);
+        // Applied replies reach only connections waiting for one. Others
+        // are for connections of an earlier process of this node (its log
+        // replayed) whose ids a new connection may have reused; a new
+        // connection submits nothing before this process's `Join` is
+        // applied, and after it the earlier connections are gone.
+        let me = cl.settings.node_id;
+        let conns = &self.conns;
+        self.outbox.replies.retain(|&(id, _)| {
+            node_of(id) != me
+                || conns
+                    .get((id & CLUSTER_IDX_MASK) as usize)
+                    .is_some_and(|c| c.id == id && c.blocked)
+        });
+        let now_joined = cl.node.joined() && !cl.was_joined;
+        cl.was_joined = cl.node.joined();
+        if let Err(e) = result {
             if !cl.failed_logged {
                 cl.failed_logged = true;
                 error!(
@@ -428,6 +478,16 @@ impl Server {
             }
         }
         self.dispatch(None);
+        if now_joined {
+            // Connections accepted meanwhile may have requests waiting.
+            let waiting: Vec<usize> = self
+                .conns
+                .iter()
+                .filter(|(_, c)| !c.input.is_empty())
+                .map(|(i, _)| i)
+                .collect();
+            self.ready.extend(waiting);
+        }
         if stale {
             self.restart_incarnation();
         }

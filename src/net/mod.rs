@@ -150,8 +150,9 @@ impl Server {
         let (cluster, core) = match &opts.cluster {
             Some(settings) => {
                 let auth = opts.auth.as_ref().map(|(t, _)| t.clone());
-                let (mut cl, core) = cluster::Cluster::open(settings, &opts.core, auth)
-                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+                let (mut cl, core) =
+                    cluster::Cluster::open(settings, &opts.core, auth, opts.tls.as_ref())
+                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
                 if let Some(links) = cl.links.as_mut() {
                     poll.registry().register(
                         &mut links.listener,
@@ -710,6 +711,11 @@ impl Server {
     /// Applies every complete request in the connection's input, until it
     /// blocks, its output backs up, or the input runs out.
     fn process_input(&mut self, idx: usize) {
+        if self.cluster.as_ref().is_some_and(|cl| !cl.node.joined()) {
+            // A cluster node serves requests once it has rejoined (see
+            // `Node::joined`); the input waits until then.
+            return;
+        }
         loop {
             let now = self.now;
             let c = &mut self.conns[idx];
@@ -1159,7 +1165,12 @@ impl Server {
     }
 
     fn index_of(&self, id: ConnId) -> Option<usize> {
-        let idx = (id & 0xffff_ffff) as usize;
+        let mask = if self.cluster.is_some() {
+            cluster::CLUSTER_IDX_MASK
+        } else {
+            0xffff_ffff
+        };
+        let idx = (id & mask) as usize;
         self.conns.get(idx).filter(|c| c.id == id).map(|_| idx)
     }
 }

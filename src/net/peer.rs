@@ -10,6 +10,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use log::{debug, info, warn};
 use mio::net::{TcpListener, TcpStream};
@@ -29,8 +30,73 @@ const RETRY_MAX_MS: u64 = 1_000;
 /// Most inbound peer connections at once (members reconnecting, strays).
 const MAX_INBOUND: usize = 64;
 
+/// TLS of peer links: the server side is the client-facing configuration;
+/// the client side trusts the certificates of this node's own chain file.
+#[derive(Clone)]
+pub struct PeerTls {
+    pub server: Arc<rustls::ServerConfig>,
+    pub client: Arc<rustls::ClientConfig>,
+}
+
+/// A peer socket, in the clear or through TLS.
+struct PeerIo {
+    tcp: TcpStream,
+    tls: Option<Box<rustls::Connection>>,
+}
+
+impl PeerIo {
+    /// Reads plaintext. `Ok(0)` is the end of the stream.
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let Some(tls) = self.tls.as_mut() else {
+            return self.tcp.read(buf);
+        };
+        loop {
+            match tls.reader().read(buf) {
+                Ok(n) => return Ok(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+            if tls.read_tls(&mut self.tcp)? == 0 {
+                return Ok(0);
+            }
+            tls.process_new_packets()
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+            Self::send_records(tls, &mut self.tcp)?;
+        }
+    }
+
+    /// Writes plaintext (`WouldBlock` while the handshake is not done).
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let Some(tls) = self.tls.as_mut() else {
+            return self.tcp.write(buf);
+        };
+        Self::send_records(tls, &mut self.tcp)?;
+        if tls.is_handshaking() {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        let n = tls.writer().write(buf)?;
+        Self::send_records(tls, &mut self.tcp)?;
+        if n == 0 {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
+    }
+
+    /// Sends the TLS records rustls has ready, until the socket is full.
+    fn send_records(tls: &mut rustls::Connection, tcp: &mut TcpStream) -> io::Result<()> {
+        while tls.wants_write() {
+            match tls.write_tls(tcp) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
 pub struct Inbound {
-    stream: TcpStream,
+    stream: PeerIo,
     peer: SocketAddr,
     input: Vec<u8>,
     /// The member that said hello.
@@ -41,7 +107,7 @@ pub struct Inbound {
 pub struct Outbound {
     pub id: u64,
     addr: SocketAddr,
-    stream: Option<TcpStream>,
+    stream: Option<PeerIo>,
     connected: bool,
     output: Vec<u8>,
     written: usize,
@@ -61,6 +127,7 @@ pub struct Links {
     hello: Vec<u8>,
     proof: Vec<u8>,
     auth: Option<AuthToken>,
+    tls: Option<PeerTls>,
     scratch: Vec<u8>,
 }
 
@@ -71,6 +138,7 @@ impl Links {
         cluster_id: u64,
         peers: &[(u64, SocketAddr)],
         auth: Option<AuthToken>,
+        tls: Option<PeerTls>,
     ) -> io::Result<Links> {
         let listener = TcpListener::bind(addr)?;
         let proof = auth
@@ -104,6 +172,7 @@ impl Links {
             hello,
             proof,
             auth,
+            tls,
             scratch: vec![0; 64 * 1024],
         })
     }
@@ -142,6 +211,16 @@ impl Links {
                 continue;
             }
             let _ = stream.set_nodelay(true);
+            let tls = match &self.tls {
+                Some(t) => match rustls::ServerConnection::new(t.server.clone()) {
+                    Ok(c) => Some(Box::new(rustls::Connection::Server(c))),
+                    Err(e) => {
+                        warn!("cannot start TLS for peer connection from {peer}: {e}");
+                        continue;
+                    }
+                },
+                None => None,
+            };
             let entry = self.inbound.vacant_entry();
             if registry
                 .register(&mut stream, token_of(entry.key()), Interest::READABLE)
@@ -150,7 +229,7 @@ impl Links {
                 continue;
             }
             entry.insert(Inbound {
-                stream,
+                stream: PeerIo { tcp: stream, tls },
                 peer,
                 input: Vec::new(),
                 node: None,
@@ -260,7 +339,7 @@ impl Links {
         let Some(mut link) = self.inbound.try_remove(idx) else {
             return;
         };
-        let _ = registry.deregister(&mut link.stream);
+        let _ = registry.deregister(&mut link.stream.tcp);
         match link.node {
             Some(node) => info!("peer link from node {node} ({}) down: {why}", link.peer),
             None => warn!("peer connection from {} closed: {why}", link.peer),
@@ -303,6 +382,20 @@ impl Links {
             if link.stream.is_some() || link.retry_at.is_none_or(|t| t > now) {
                 continue;
             }
+            let tls = match &self.tls {
+                Some(t) => {
+                    let name = rustls::pki_types::ServerName::IpAddress(link.addr.ip().into());
+                    match rustls::ClientConnection::new(t.client.clone(), name) {
+                        Ok(c) => Some(Box::new(rustls::Connection::Client(c))),
+                        Err(e) => {
+                            warn!("cannot start TLS to node {}: {e}", link.id);
+                            link.retry_at = Some(now + RETRY_MAX_MS);
+                            continue;
+                        }
+                    }
+                }
+                None => None,
+            };
             match TcpStream::connect(link.addr) {
                 Ok(mut s) => {
                     if registry
@@ -313,7 +406,7 @@ impl Links {
                         continue;
                     }
                     let _ = s.set_nodelay(true);
-                    link.stream = Some(s);
+                    link.stream = Some(PeerIo { tcp: s, tls });
                     link.connected = false;
                     link.retry_at = None;
                     link.output.clear();
@@ -341,7 +434,7 @@ impl Links {
             return;
         };
         if !link.connected {
-            match stream.take_error() {
+            match stream.tcp.take_error() {
                 Ok(None) => {}
                 Ok(Some(e)) | Err(e) => {
                     let why = e.to_string();
@@ -349,7 +442,7 @@ impl Links {
                     return;
                 }
             }
-            match stream.peer_addr() {
+            match stream.tcp.peer_addr() {
                 Ok(_) => {
                     link.connected = true;
                     link.backoff_ms = RETRY_MIN_MS;
@@ -422,7 +515,7 @@ impl Links {
 
     fn reset(registry: &Registry, link: &mut Outbound, now: u64, why: &str) {
         if let Some(mut s) = link.stream.take() {
-            let _ = registry.deregister(&mut s);
+            let _ = registry.deregister(&mut s.tcp);
         }
         if link.connected || !link.down_logged {
             warn!("peer link to node {} ({}) down: {why}", link.id, link.addr);

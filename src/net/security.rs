@@ -108,6 +108,30 @@ pub fn load_tls(source: &TlsSource) -> Result<Arc<ServerConfig>, String> {
     Ok(Arc::new(config))
 }
 
+/// The TLS client side of cluster peer links: it trusts the certificates
+/// in this node's own chain file, so nodes that share one certificate, or
+/// whose chain files include the CA that signed them all, accept each
+/// other. A peer's certificate must name its `--peers` address (an IP SAN).
+pub fn peer_client_config(source: &TlsSource) -> Result<Arc<rustls::ClientConfig>, String> {
+    let certs = read_certs(&source.cert)?;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in certs {
+        roots.add(c).map_err(|e| {
+            format!(
+                "{}: cannot trust a certificate of it for peer links: {e}",
+                source.cert.display()
+            )
+        })?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| format!("TLS setup failed: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
 fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
         .map_err(|e| format!("cannot read certificates from {}: {e}", path.display()))?

@@ -44,6 +44,8 @@ pub struct Server {
     pub child: Child,
     pub port: u16,
     pub log: mpsc::Receiver<String>,
+    /// What the server logged before its `listening on` line.
+    pub startup_log: Vec<String>,
 }
 
 impl Server {
@@ -83,6 +85,7 @@ impl Server {
             }
         });
         let deadline = Instant::now() + Duration::from_secs(10);
+        let mut startup_log = Vec::new();
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             let line = rx
@@ -94,8 +97,10 @@ impl Server {
                     child,
                     port,
                     log: rx,
+                    startup_log,
                 };
             }
+            startup_log.push(line);
         }
     }
 

@@ -1,0 +1,359 @@
+//! Cluster mode through the real binary: peer links over TLS with the auth
+//! token, strangers on the peer port, data-dir errors, and a durable node
+//! killed with SIGKILL again and again under load.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::pki::{Pki, TlsClient, client_config};
+use common::{Client, Server, token_of};
+
+fn free_ports(n: usize) -> Vec<u16> {
+    let ls: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    ls.iter().map(|l| l.local_addr().unwrap().port()).collect()
+}
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> TempDir {
+        let p = std::env::temp_dir().join(format!("dflockd-cluster-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+    fn sub(&self, s: &str) -> String {
+        self.0.join(s).to_string_lossy().into_owned()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Starts node `id` of a cluster whose peer ports are `ports`.
+fn node(id: usize, ports: &[u16], dir: &TempDir, extra: &[&str]) -> Server {
+    let peers: Vec<String> = ports
+        .iter()
+        .enumerate()
+        .map(|(i, p)| format!("{}=127.0.0.1:{p}", i + 1))
+        .collect();
+    let peers = peers.join(",");
+    let data = dir.sub(&format!("n{id}"));
+    let id = id.to_string();
+    let mut args = vec![
+        "--node-id",
+        &id,
+        "--peers",
+        &peers,
+        "--data-dir",
+        &data,
+        "--heartbeat-interval",
+        "50",
+        "--election-timeout",
+        "500",
+    ];
+    args.extend_from_slice(extra);
+    Server::start(&args)
+}
+
+/// The value of `"name":<number>` in a stats body.
+fn field(stats: &str, name: &str) -> u64 {
+    let at = stats
+        .find(&format!("\"{name}\":"))
+        .unwrap_or_else(|| panic!("no {name} in {stats}"));
+    stats[at + name.len() + 3..]
+        .chars()
+        .take_while(|c| c.is_ascii_digit())
+        .collect::<String>()
+        .parse()
+        .unwrap()
+}
+
+fn wait_until(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
+    let end = Instant::now() + within;
+    while Instant::now() < end {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("timed out waiting for {what}");
+}
+
+fn tls_stats(port: u16, ca: &Path) -> String {
+    let mut c = TlsClient::connect_with(port, client_config(ca, false)).unwrap();
+    assert_eq!(c.cmd("auth", "_", "s3cret"), "ok");
+    c.cmd("stats", "_", "_")
+}
+
+#[test]
+fn tls_peer_links_with_the_token_form_a_cluster_and_strangers_are_turned_away() {
+    let pki = Pki::new("cluster");
+    // One certificate for every node, naming the peer addresses, in a chain
+    // file with the CA that signed it (peer links trust that chain).
+    pki.issue_for("c", &["127.0.0.1", "localhost"]);
+    let chain = [pki.path("c-cert.pem"), pki.path("c-ca.pem")]
+        .iter()
+        .map(|p| std::fs::read_to_string(p).unwrap())
+        .collect::<String>();
+    std::fs::write(pki.path("c-chain.pem"), chain).unwrap();
+    let dir = TempDir::new("tls");
+    let ports = free_ports(3);
+    let (cert, key) = (pki.s("c-chain.pem"), pki.s("c-key.pem"));
+    let extra = [
+        "--tls-cert",
+        &cert,
+        "--tls-key",
+        &key,
+        "--auth-token",
+        "s3cret",
+    ];
+    let nodes: Vec<Server> = (1..=3).map(|i| node(i, &ports, &dir, &extra)).collect();
+    let ca = pki.path("c-ca.pem");
+    wait_until("a leader known to all", Duration::from_secs(15), || {
+        nodes
+            .iter()
+            .all(|n| field(&tls_stats(n.port, &ca), "leader_id") != 0)
+    });
+    let mut a = TlsClient::connect(nodes[1].port, &ca).unwrap();
+    let mut b = TlsClient::connect(nodes[2].port, &ca).unwrap();
+    assert_eq!(a.cmd("auth", "_", "s3cret"), "ok");
+    assert_eq!(b.cmd("auth", "_", "s3cret"), "ok");
+    let t = token_of(&a.cmd("l", "k", "0"));
+    assert_eq!(b.cmd("l", "k", "0"), "timeout", "held through another node");
+
+    // Strangers on the peer ports: plain text to a TLS port, garbage, a
+    // connection that says nothing. None disturbs the cluster.
+    for &p in &ports {
+        let mut s = TcpStream::connect(("127.0.0.1", p)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let _ = s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+        let mut buf = [0u8; 256];
+        // The TLS server answers with an alert at most, then closes.
+        let mut closed = false;
+        for _ in 0..4 {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => {
+                    closed = true;
+                    break;
+                }
+                Ok(_) => {}
+            }
+        }
+        assert!(closed, "a stranger's connection to peer port {p} is closed");
+    }
+    assert_eq!(a.cmd("r", "k", &t), "ok");
+    assert!(b.cmd("l", "k", "5").starts_with("ok "));
+    for n in &nodes {
+        let log = n.drain_log().join("\n");
+        assert!(!log.contains("panicked"), "{log}");
+    }
+}
+
+/// A hello frame as a peer sends it (see `cluster::wire`).
+fn hello(cluster_id: u64, node: u64, proof: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    dflockd::cluster::wire::encode_hello(&mut out, cluster_id, node, false, proof);
+    out
+}
+
+fn closed_soon(s: &mut TcpStream) -> bool {
+    s.set_read_timeout(Some(Duration::from_secs(7))).unwrap();
+    let mut buf = [0u8; 64];
+    matches!(s.read(&mut buf), Ok(0) | Err(_))
+}
+
+#[test]
+fn bad_hellos_and_garbage_on_the_peer_port_are_closed_and_logged() {
+    let dir = TempDir::new("hello");
+    let ports = free_ports(3);
+    let extra = ["--auth-token", "tok"];
+    let nodes: Vec<Server> = (1..=3).map(|i| node(i, &ports, &dir, &extra)).collect();
+    let mut c = Client::connect(nodes[0].port);
+    assert_eq!(c.cmd("auth", "_", "tok"), "ok");
+    wait_until("a leader", Duration::from_secs(15), || {
+        field(&c.cmd("stats", "_", "_"), "leader_id") != 0
+    });
+    let cluster_id = {
+        let peers: Vec<dflockd::config::Peer> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, p)| dflockd::config::Peer {
+                id: i as u64 + 1,
+                addr: format!("127.0.0.1:{p}").parse().unwrap(),
+            })
+            .collect();
+        dflockd::config::ClusterSettings {
+            node_id: 1,
+            peers,
+            data_dir: PathBuf::new(),
+            heartbeat_interval_ms: 50,
+            election_timeout_ms: 500,
+        }
+        .cluster_id()
+    };
+    let token = dflockd::net::security::AuthToken::new("tok").unwrap();
+    let good_proof = token.peer_proof(cluster_id);
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("another cluster", hello(cluster_id ^ 1, 2, &good_proof)),
+        ("wrong token", hello(cluster_id, 2, &[0u8; 32])),
+        ("unknown node", hello(cluster_id, 9, &good_proof)),
+        ("itself", hello(cluster_id, 1, &good_proof)),
+        ("garbage", b"\xff\xff\xff\xff garbage".to_vec()),
+        ("huge frame", (u32::MAX).to_le_bytes().to_vec()),
+    ];
+    for (what, bytes) in &cases {
+        let mut s = TcpStream::connect(("127.0.0.1", ports[0])).unwrap();
+        s.write_all(bytes).unwrap();
+        assert!(closed_soon(&mut s), "{what}: connection not closed");
+    }
+    // A good hello followed by a frame of an unknown kind is closed too.
+    let mut s = TcpStream::connect(("127.0.0.1", ports[0])).unwrap();
+    let mut bytes = hello(cluster_id, 2, &good_proof);
+    bytes.extend_from_slice(&[1, 0, 0, 0, 99]);
+    s.write_all(&bytes).unwrap();
+    assert!(closed_soon(&mut s), "unknown frame kind");
+    // The cluster still works.
+    let t = token_of(&c.cmd("l", "k", "0"));
+    assert_eq!(c.cmd("r", "k", &t), "ok");
+    let log = nodes[0].drain_log().join("\n");
+    for needle in [
+        "another cluster",
+        "did not prove the auth token",
+        "unknown node 9",
+        "unknown node 1",
+        "bad frame",
+        "unknown frame kind 99",
+    ] {
+        assert!(log.contains(needle), "log lacks {needle:?}:\n{log}");
+    }
+}
+
+fn dflockd(args: &[&str]) -> (Option<i32>, String) {
+    let out = Command::new(common::server_bin())
+        .args(["--port", "0"])
+        .args(args)
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A durable one-node cluster (`--data-dir` alone) with a few entries.
+fn solo_with_history(dir: &str) {
+    let mut s = Server::start(&["--data-dir", dir]);
+    let mut c = s.connect();
+    for i in 0..20 {
+        let t = c.lock(&format!("k{i}"), "0");
+        assert_eq!(c.cmd("r", &format!("k{i}"), &t), "ok");
+    }
+    s.signal("TERM");
+    assert_eq!(s.wait_exit(Duration::from_secs(10)), Some(0));
+}
+
+#[test]
+fn data_dir_of_another_node_or_corrupted_is_refused_and_a_torn_tail_repaired() {
+    let dir = TempDir::new("datadir");
+    let d = dir.sub("solo");
+    solo_with_history(&d);
+    // Another node id.
+    let (code, err) = dflockd(&["--data-dir", &d, "--node-id", "2"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("node"), "{err}");
+
+    // A torn tail: bytes of a record that never finished.
+    let wal = Path::new(&d).join("wal");
+    let clean = std::fs::read(&wal).unwrap();
+    let mut torn = clean.clone();
+    torn.extend_from_slice(&[40, 0, 0, 0, 1, 2, 3]);
+    std::fs::write(&wal, &torn).unwrap();
+    let mut s = Server::start(&["--data-dir", &d]);
+    let mut c = s.connect();
+    assert!(c.cmd("l", "again", "0").starts_with("ok "));
+    drop(c);
+    let log = s.startup_log.join("\n");
+    assert!(log.contains("torn record of 7 bytes"), "{log}");
+    s.signal("TERM");
+    assert_eq!(s.wait_exit(Duration::from_secs(10)), Some(0));
+
+    // Corruption before the end: refused, naming the file and offset.
+    let mut bad = std::fs::read(&wal).unwrap();
+    let mid = bad.len() / 2;
+    bad[mid] ^= 0xff;
+    std::fs::write(&wal, &bad).unwrap();
+    let (code, err) = dflockd(&["--data-dir", &d]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("wal is corrupt at byte"), "{err}");
+
+    // A data dir that is a file.
+    let file = dir.sub("plain-file");
+    std::fs::write(&file, b"x").unwrap();
+    let (code, err) = dflockd(&["--data-dir", &file]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--data-dir"), "{err}");
+}
+
+#[test]
+fn a_durable_node_killed_again_and_again_under_load_loses_nothing_acknowledged() {
+    let dir = TempDir::new("kill9");
+    let d = dir.sub("solo");
+    let mut highest_acked = 0u64;
+    let mut kept: Option<(String, u64)> = None;
+    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+    for round in 0..15 {
+        let mut s = Server::start(&["--data-dir", &d, "--no-auto-release-on-disconnect"]);
+        let mut c = s.connect();
+        // What was acknowledged before the last kill is still there.
+        if let Some((token, fence)) = &kept {
+            assert!(*fence <= highest_acked);
+            assert_eq!(
+                c.cmd("n", "kept", &format!("{token} 600")),
+                "ok 600",
+                "round {round}: the lease-only holding survived"
+            );
+        } else {
+            let t = c.lock("kept", "0 600");
+            let f = u64::from_str_radix(&t[..16], 16).unwrap();
+            highest_acked = highest_acked.max(f);
+            kept = Some((t, f));
+        }
+        // Load, then SIGKILL at a random moment of it.
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        let run_for = Duration::from_millis(30 + rng % 200);
+        let start = Instant::now();
+        let mut i = 0u64;
+        let mut first = true;
+        while start.elapsed() < run_for {
+            let key = format!("k{}", i % 7);
+            let t = c.lock(&key, "0");
+            let f = u64::from_str_radix(&t[..16], 16).unwrap();
+            if first {
+                assert!(
+                    f > highest_acked,
+                    "round {round}: fence {f:x} not above every acknowledged one ({highest_acked:x})"
+                );
+                first = false;
+            }
+            highest_acked = highest_acked.max(f);
+            assert_eq!(c.cmd("r", &key, &t), "ok");
+            i += 1;
+        }
+        s.child.kill().unwrap();
+        s.child.wait().unwrap();
+    }
+}
