@@ -15,7 +15,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 SECS=${1:-15}
-TARGETS=${FUZZ_TARGETS:-"frame request core_ops subjects"}
+TARGETS=${FUZZ_TARGETS:-"frame request core_ops subjects peer"}
 
 if ! cargo +nightly --version >/dev/null 2>&1; then
     echo "SKIP: fuzzing needs a nightly toolchain (rustup toolchain install nightly); none found"

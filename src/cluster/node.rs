@@ -140,6 +140,7 @@ pub struct Node {
     standby: Standby,
     /// This incarnation's `Join` has been applied.
     joined: bool,
+    scratch_times: Vec<u64>,
 }
 
 impl Node {
@@ -206,6 +207,7 @@ impl Node {
         let node = Node {
             standby,
             joined: false,
+            scratch_times: Vec::new(),
             machine: Machine::new(cfg.id, entropy),
             cfg,
             raw,
@@ -511,7 +513,7 @@ impl Node {
         let term = self.raw.raft.term;
         let role = self.raw.raft.state;
         if role == StateRole::Leader {
-            self.leader_contact_ms = mono;
+            self.leader_contact_ms = self.quorum_contact(mono);
         }
         if leader == self.leader && term == self.term && role == self.role {
             return;
@@ -543,6 +545,31 @@ impl Node {
             self.clock_base = (self.max_now_seen.max(self.machine.now()), mono);
             self.became_leader_ms = mono;
         }
+    }
+
+    /// A leader's contact with the cluster: the latest moment by which it had
+    /// heard from a majority (itself included). A leader cut off from the
+    /// others stops being in contact at the cut, not when Raft's quorum
+    /// check makes it step down (up to two election timeouts later).
+    fn quorum_contact(&mut self, mono: u64) -> u64 {
+        let mut times = std::mem::take(&mut self.scratch_times);
+        times.clear();
+        times.extend(self.cfg.voters.iter().map(|&v| {
+            if v == self.cfg.id {
+                mono
+            } else {
+                // Heard from since this leadership began, or not at all.
+                self.last_heard
+                    .get(&v)
+                    .copied()
+                    .unwrap_or(0)
+                    .max(self.became_leader_ms.min(mono))
+            }
+        }));
+        times.sort_unstable_by(|a, b| b.cmp(a));
+        let at = times[self.cfg.voters.len() / 2];
+        self.scratch_times = times;
+        at
     }
 
     /// Sends (or, as leader, batches) this node's commands not yet sent.
