@@ -15,9 +15,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 import warnings
@@ -386,3 +388,286 @@ def key(request) -> str:
     """A key unique to the test (and to its parametrisation)."""
     name = re.sub(r"[^A-Za-z0-9_.-]", "_", request.node.name)
     return f"k.{name}.{os.getpid()}"
+
+
+# ---------------------------------------------------------------------------
+# Cluster mode: several dflockd processes forming one Raft cluster
+# ---------------------------------------------------------------------------
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """``n`` distinct ports that were free a moment ago (bound to port 0
+    together, read, closed)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind((host, 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def cluster_view(st: dict) -> dict:
+    """The replicated part of a ``stats`` reply: everything but the node's
+    own connection count and its ``cluster`` object. Two nodes that have
+    applied the same log index must report identical views (stats are
+    computed at the cluster time of the last applied entry)."""
+    return {k: v for k, v in st.items() if k not in ("connections", "cluster")}
+
+
+class DflockdCluster:
+    """``size`` dflockd nodes on loopback, node ids 1..size, each with its
+    own data dir under ``root`` and a peer port picked at construction (kept
+    across restarts). Client ports are ``--port 0`` (a restarted node gets a
+    new one: use ``node(i).servers`` after a restart).
+
+    ``start``/``kill``/``sigstop``/``sigcont``/``wipe`` drive the processes;
+    ``stats``, ``wait_leader`` and ``wait_converged`` observe them. Every
+    process ever started is kept in ``history`` for the failure report."""
+
+    def __init__(
+        self,
+        binary: Path,
+        root: Path,
+        size: int = 3,
+        heartbeat_ms: int = 50,
+        election_ms: int = 500,
+        extra_args: tuple = (),
+    ):
+        self.binary, self.root = binary, root
+        self.ids = list(range(1, size + 1))
+        self.heartbeat_ms, self.election_ms = heartbeat_ms, election_ms
+        self.extra_args = [str(a) for a in extra_args]
+        self.peer_ports = dict(zip(self.ids, free_ports(size)))
+        self.peers = ",".join(f"{i}=127.0.0.1:{p}" for i, p in self.peer_ports.items())
+        self.procs: dict[int, ServerProcess | None] = {i: None for i in self.ids}
+        self.history: list[tuple[int, ServerProcess]] = []
+        self.stopped: set[int] = set()
+
+    # --- processes -----------------------------------------------------------
+
+    def data_dir(self, i: int) -> Path:
+        return self.root / f"node{i}"
+
+    def args(self, i: int) -> list[str]:
+        return [
+            str(self.binary),
+            "--port", "0",
+            "--node-id", str(i),
+            "--peers", self.peers,
+            "--data-dir", str(self.data_dir(i)),
+            "--heartbeat-interval", str(self.heartbeat_ms),
+            "--election-timeout", str(self.election_ms),
+            *self.extra_args,
+        ]
+
+    def start(self, *ids: int) -> None:
+        """Starts the given nodes (default: all) at once, then waits for each
+        to log its client address."""
+        ids = ids or tuple(self.ids)
+        for i in ids:
+            cur = self.procs[i]
+            assert cur is None or cur.proc.poll() is not None, f"node {i} is running"
+            srv = ServerProcess(self.args(i))
+            self.procs[i] = srv
+            self.history.append((i, srv))
+        for i in ids:
+            self.procs[i].wait_ready()
+
+    def node(self, i: int) -> ServerProcess:
+        srv = self.procs[i]
+        assert srv is not None, f"node {i} was never started"
+        return srv
+
+    def running(self) -> list[int]:
+        return [
+            i for i, s in self.procs.items() if s is not None and s.proc.poll() is None
+        ]
+
+    def kill(self, *ids: int) -> None:
+        """``kill -9`` the given nodes, as close together as possible."""
+        for i in ids:
+            srv = self.node(i)
+            srv.expect_exit = True
+            srv.proc.send_signal(signal.SIGKILL)
+        for i in ids:
+            self.node(i).proc.wait(timeout=5)
+            self.stopped.discard(i)
+
+    def sigstop(self, i: int) -> None:
+        self.node(i).proc.send_signal(signal.SIGSTOP)
+        self.stopped.add(i)
+
+    def sigcont(self, i: int) -> None:
+        self.node(i).proc.send_signal(signal.SIGCONT)
+        self.stopped.discard(i)
+
+    def wipe(self, i: int) -> None:
+        """Replaces node ``i``'s data dir by a new, empty one (node stopped)."""
+        assert i not in self.running(), f"node {i} is running"
+        shutil.rmtree(self.data_dir(i), ignore_errors=True)
+        self.data_dir(i).mkdir(parents=True)
+
+    # --- observation ---------------------------------------------------------
+
+    def stats(self, i: int, timeout: float = 5.0) -> dict:
+        c = RawConn(self.node(i).addr, timeout=timeout)
+        try:
+            return c.stats()
+        finally:
+            c.close()
+
+    def all_stats(self, ids=None) -> dict[int, dict]:
+        return {i: self.stats(i) for i in (ids or self.running())}
+
+    def wait_leader(self, ids=None, timeout: float = 10.0, exclude=()) -> int:
+        """Waits until every node in ``ids`` (default: the running ones)
+        reports the same non-zero ``leader_id`` of a running node (not in
+        ``exclude``) and the same term, and that leader, if among them, says
+        it is the leader and nobody else does. Returns the leader's id."""
+        ids = list(ids or self.running())
+        last: dict = {}
+
+        def agreed():
+            nonlocal last
+            last = {i: self.stats(i)["cluster"] for i in ids}
+            leaders = {c["leader_id"] for c in last.values()}
+            terms = {c["term"] for c in last.values()}
+            if len(leaders) != 1 or len(terms) != 1:
+                return None
+            leader = leaders.pop()
+            # a dead leader's id lingers in its followers' view for a while
+            if leader == 0 or leader in exclude or leader not in self.running():
+                return None
+            roles = {i: c["role"] for i, c in last.items()}
+            want = {i: ("leader" if i == leader else "follower") for i in ids}
+            return leader if roles == want else None
+
+        try:
+            return wait_until(agreed, timeout=timeout, interval=0.05, what="a leader")
+        except AssertionError:
+            raise AssertionError(
+                f"nodes {ids} did not agree on a leader within {timeout}s; last "
+                f"cluster objects: {json.dumps(last, indent=1)}"
+            ) from None
+
+    def wait_converged(self, ids=None, timeout: float = 10.0, until=None) -> dict[int, dict]:
+        """Waits until the nodes in ``ids`` (default: running) know the same
+        leader, have applied the same index (== their commit index) and
+        report the same replicated state; with ``until``, also until
+        ``until(stats)`` holds for that state. Returns each node's stats."""
+        ids = list(ids or self.running())
+        last: dict = {}
+
+        def converged():
+            nonlocal last
+            last = self.all_stats(ids)
+            cl = [s["cluster"] for s in last.values()]
+            if len({c["leader_id"] for c in cl}) != 1:
+                return None
+            if cl[0]["leader_id"] == 0 or cl[0]["leader_id"] not in self.running():
+                return None
+            if len({c["applied_index"] for c in cl}) != 1:
+                return None
+            if any(c["applied_index"] != c["commit_index"] for c in cl):
+                return None
+            views = [cluster_view(s) for s in last.values()]
+            if any(v != views[0] for v in views[1:]):
+                return None
+            if until is not None and not until(last[ids[0]]):
+                return None
+            return dict(last)
+
+        try:
+            return wait_until(converged, timeout=timeout, interval=0.05, what="convergence")
+        except AssertionError:
+            raise AssertionError(
+                f"nodes {ids} did not converge within {timeout}s; last stats:\n"
+                + "\n".join(f"node {i}: {json.dumps(s)}" for i, s in last.items())
+            ) from None
+
+    # --- teardown ------------------------------------------------------------
+
+    def close(self) -> list[str]:
+        """SIGCONTs and SIGKILLs every process still running; returns the
+        problems seen (a node that exited by itself, a panic)."""
+        problems = []
+        for i, srv in self.history:
+            if srv.proc.poll() is None:
+                try:
+                    srv.proc.send_signal(signal.SIGCONT)
+                except ProcessLookupError:
+                    pass
+            elif not srv.expect_exit:
+                problems.append(
+                    f"node {i} ({srv.args[1:]}) exited by itself with code "
+                    f"{srv.proc.returncode} during the test"
+                )
+        for i, srv in self.history:
+            if srv.proc.poll() is None:
+                srv.expect_exit = True
+                srv.proc.kill()
+            try:
+                srv.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                problems.append(f"node {i} did not die on SIGKILL")
+            srv._reader.join(timeout=2)
+            if srv.proc.stderr is not None:
+                srv.proc.stderr.close()
+            if "panicked" in srv.log():
+                problems.append(f"node {i} panicked")
+        self.stopped.clear()
+        return problems
+
+    def logs(self) -> str:
+        out = []
+        for n, (i, srv) in enumerate(self.history):
+            out.append(f"--- dflockd node {i} (process #{n}, pid {srv.proc.pid}) stderr ---")
+            out.append(srv.log())
+        return "\n".join(out)
+
+
+@pytest.fixture
+def cluster_factory(request):
+    """Factory: ``make(size=3, heartbeat_ms=50, election_ms=500,
+    extra_args=(), start=True) -> DflockdCluster``. At teardown every node
+    process is SIGCONTed and SIGKILLed and the data dirs are removed; a node
+    that died by itself or panicked makes the test error out, and every
+    node's stderr is printed when the test failed."""
+    binary = server_binary()
+    if not binary.exists():
+        pytest.fail(f"dflockd binary not found: {binary} (set DFLOCKD_BIN)")
+    made: list[DflockdCluster] = []
+
+    def make(
+        size: int = 3,
+        heartbeat_ms: int = 50,
+        election_ms: int = 500,
+        extra_args: tuple = (),
+        start: bool = True,
+    ) -> DflockdCluster:
+        root = Path(tempfile.mkdtemp(prefix="dflockd-cluster-"))
+        cl = DflockdCluster(binary, root, size, heartbeat_ms, election_ms, extra_args)
+        made.append(cl)
+        if start:
+            cl.start()
+        return cl
+
+    yield make
+
+    problems: list[str] = []
+    for cl in made:
+        mine = cl.close()
+        problems += mine
+        failed = any(
+            getattr(getattr(request.node, f"rep_{when}", None), "failed", False)
+            for when in ("setup", "call")
+        )
+        if mine or failed:
+            print(cl.logs())
+        shutil.rmtree(cl.root, ignore_errors=True)
+    if problems:
+        pytest.fail("; ".join(problems))
