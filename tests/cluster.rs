@@ -161,9 +161,18 @@ fn tls_peer_links_with_the_token_form_a_cluster_and_strangers_are_turned_away() 
 }
 
 /// A hello frame as a peer sends it (see `cluster::wire`).
-fn hello(cluster_id: u64, node: u64, proof: &[u8]) -> Vec<u8> {
+fn hello(cluster_id: u64, node: u64, settings: u64, proof: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
-    dflockd::cluster::wire::encode_hello(&mut out, cluster_id, node, false, proof);
+    dflockd::cluster::wire::encode_hello(
+        &mut out,
+        &dflockd::cluster::wire::Hello {
+            cluster_id,
+            node,
+            settings,
+            has_state: false,
+            proof,
+        },
+    );
     out
 }
 
@@ -204,11 +213,16 @@ fn bad_hellos_and_garbage_on_the_peer_port_are_closed_and_logged() {
     };
     let token = dflockd::net::security::AuthToken::new("tok").unwrap();
     let good_proof = token.peer_proof(cluster_id);
+    let set = dflockd::net::cluster::settings_digest(&dflockd::core::Config::default());
     let cases: Vec<(&str, Vec<u8>)> = vec![
-        ("another cluster", hello(cluster_id ^ 1, 2, &good_proof)),
-        ("wrong token", hello(cluster_id, 2, &[0u8; 32])),
-        ("unknown node", hello(cluster_id, 9, &good_proof)),
-        ("itself", hello(cluster_id, 1, &good_proof)),
+        (
+            "another cluster",
+            hello(cluster_id ^ 1, 2, set, &good_proof),
+        ),
+        ("wrong token", hello(cluster_id, 2, set, &[0u8; 32])),
+        ("unknown node", hello(cluster_id, 9, set, &good_proof)),
+        ("itself", hello(cluster_id, 1, set, &good_proof)),
+        ("other settings", hello(cluster_id, 2, set ^ 1, &good_proof)),
         ("garbage", b"\xff\xff\xff\xff garbage".to_vec()),
         ("huge frame", (u32::MAX).to_le_bytes().to_vec()),
     ];
@@ -219,7 +233,7 @@ fn bad_hellos_and_garbage_on_the_peer_port_are_closed_and_logged() {
     }
     // A good hello followed by a frame of an unknown kind is closed too.
     let mut s = TcpStream::connect(("127.0.0.1", ports[0])).unwrap();
-    let mut bytes = hello(cluster_id, 2, &good_proof);
+    let mut bytes = hello(cluster_id, 2, set, &good_proof);
     bytes.extend_from_slice(&[1, 0, 0, 0, 99]);
     s.write_all(&bytes).unwrap();
     assert!(closed_soon(&mut s), "unknown frame kind");
@@ -232,6 +246,7 @@ fn bad_hellos_and_garbage_on_the_peer_port_are_closed_and_logged() {
         "did not prove the auth token",
         "unknown node 9",
         "unknown node 1",
+        "runs with other lock settings",
         "bad frame",
         "unknown frame kind 99",
     ] {

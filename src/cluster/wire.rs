@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! frame   = len u32 LE (kind + payload) | kind u8 | payload
-//!   0 hello    magic "DFLKPEER" | version u8 (1) | cluster id u64 | node id u64 | has state u8 | proof_len u16 | proof
+//!   0 hello    magic "DFLKPEER" | version u8 (1) | cluster id u64 | node id u64 | settings u64 | has state u8 | proof_len u16 | proof
 //!   1 raft     a raft-rs message (protobuf)
 //!   2 forward  commands for the leader (see `command`)
 //!   3 deliver  conn u64 | a pushed `sig` line for that connection
@@ -16,7 +16,7 @@
 /// Largest frame accepted after the hello.
 pub const MAX_FRAME: usize = 64 << 20;
 /// Largest hello (the proof is the auth token, at most 64 KiB).
-pub const MAX_HELLO: usize = 8 + 1 + 8 + 8 + 1 + 2 + 65_535 + 1;
+pub const MAX_HELLO: usize = 8 + 1 + 8 + 8 + 8 + 1 + 2 + 65_535 + 1;
 const MAGIC: &[u8; 8] = b"DFLKPEER";
 const VERSION: u8 = 1;
 
@@ -31,6 +31,9 @@ pub enum Frame<'a> {
     Hello {
         cluster_id: u64,
         node: u64,
+        /// A digest of the settings that decide how commands apply (they
+        /// must be the same on every node).
+        settings: u64,
         /// The sender has a Raft log or term (it is not a new, empty node).
         has_state: bool,
         proof: &'a [u8],
@@ -102,20 +105,22 @@ pub fn decode(buf: &[u8], max: usize) -> Result<Option<(Frame<'_>, usize)>, Wire
 }
 
 fn hello(body: &[u8]) -> Result<Frame<'_>, WireError> {
-    if body.len() < 28 || &body[..8] != MAGIC || body[8] != VERSION || body[25] > 1 {
+    if body.len() < 36 || &body[..8] != MAGIC || body[8] != VERSION || body[33] > 1 {
         return Err(WireError::BadHello);
     }
     let cluster_id = u64::from_le_bytes(body[9..17].try_into().unwrap());
     let node = u64::from_le_bytes(body[17..25].try_into().unwrap());
-    let has_state = body[25] == 1;
-    let n = u16::from_le_bytes(body[26..28].try_into().unwrap()) as usize;
-    let proof = body.get(28..28 + n).ok_or(WireError::BadHello)?;
-    if 28 + n != body.len() {
+    let settings = u64::from_le_bytes(body[25..33].try_into().unwrap());
+    let has_state = body[33] == 1;
+    let n = u16::from_le_bytes(body[34..36].try_into().unwrap()) as usize;
+    let proof = body.get(36..36 + n).ok_or(WireError::BadHello)?;
+    if 36 + n != body.len() {
         return Err(WireError::BadHello);
     }
     Ok(Frame::Hello {
         cluster_id,
         node,
+        settings,
         has_state,
         proof,
     })
@@ -132,13 +137,31 @@ fn finish(out: &mut [u8], at: usize) {
     out[at..at + 4].copy_from_slice(&len.to_le_bytes());
 }
 
-/// Appends a hello. `proof` is at most 65,535 bytes.
-pub fn encode_hello(out: &mut Vec<u8>, cluster_id: u64, node: u64, has_state: bool, proof: &[u8]) {
+/// What a hello says.
+#[derive(Clone, Copy, Debug)]
+pub struct Hello<'a> {
+    pub cluster_id: u64,
+    pub node: u64,
+    pub settings: u64,
+    pub has_state: bool,
+    pub proof: &'a [u8],
+}
+
+/// Appends a hello. The proof is at most 65,535 bytes.
+pub fn encode_hello(out: &mut Vec<u8>, h: &Hello<'_>) {
+    let Hello {
+        cluster_id,
+        node,
+        settings,
+        has_state,
+        proof,
+    } = *h;
     let at = begin(out, KIND_HELLO);
     out.extend_from_slice(MAGIC);
     out.push(VERSION);
     out.extend_from_slice(&cluster_id.to_le_bytes());
     out.extend_from_slice(&node.to_le_bytes());
+    out.extend_from_slice(&settings.to_le_bytes());
     out.push(has_state as u8);
     let n = proof.len().min(u16::MAX as usize);
     out.extend_from_slice(&(n as u16).to_le_bytes());
@@ -183,7 +206,16 @@ mod tests {
     #[test]
     fn frames_round_trip_and_arrive_in_pieces() {
         let mut buf = Vec::new();
-        encode_hello(&mut buf, 7, 2, true, b"secret");
+        encode_hello(
+            &mut buf,
+            &Hello {
+                cluster_id: 7,
+                node: 2,
+                settings: 5,
+                has_state: true,
+                proof: b"secret",
+            },
+        );
         let mut m = raft::prelude::Message::default();
         m.from = 2;
         m.to = 1;
@@ -212,6 +244,7 @@ mod tests {
             Frame::Hello {
                 cluster_id: 7,
                 node: 2,
+                settings: 5,
                 has_state: true,
                 proof: b"secret"
             }
@@ -251,8 +284,17 @@ mod tests {
             Err(WireError::Truncated)
         );
         let mut h = Vec::new();
-        encode_hello(&mut h, 1, 1, false, b"t");
-        h[4 + 1 + 8 + 1 + 16 + 1] = 200; // proof length past the end
+        encode_hello(
+            &mut h,
+            &Hello {
+                cluster_id: 1,
+                node: 1,
+                settings: 0,
+                has_state: false,
+                proof: b"t",
+            },
+        );
+        h[4 + 1 + 8 + 1 + 24 + 1] = 200; // proof length past the end
         assert_eq!(decode(&h, MAX_HELLO), Err(WireError::BadHello));
         assert!(decode_raft(&[0xff, 0xff, 0xff]).is_none());
     }

@@ -54,6 +54,28 @@ pub(super) fn replicated(req: &Request<'_>) -> bool {
     )
 }
 
+/// A digest of the settings that decide how a command applies: nodes that
+/// disagree on them would reach different states from the same log, so
+/// peers compare it in their hellos.
+pub fn settings_digest(c: &crate::core::Config) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for v in [
+        c.default_lease_ms,
+        c.max_keys as u64,
+        c.max_waiters as u64,
+        c.gc_interval_ms,
+        c.gc_max_idle_ms,
+        c.auto_release_on_disconnect as u64,
+        c.max_subscriptions as u64,
+        c.max_holds_per_conn as u64,
+    ] {
+        for b in v.to_le_bytes() {
+            h = (h ^ b as u64).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+    h
+}
+
 fn wall_ns() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -131,6 +153,7 @@ impl Cluster {
                         settings.node_id,
                         settings.cluster_id(),
                         &peers,
+                        settings_digest(core_cfg),
                         auth,
                         peer_tls,
                     )

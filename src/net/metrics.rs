@@ -504,11 +504,20 @@ mod tests {
                 bytes_read: 5,
                 bytes_written: 7,
                 draining: false,
+                cluster: Some(ClusterFigures {
+                    node_id: 2,
+                    term: 7,
+                    leader_id: 3,
+                    ..Default::default()
+                }),
             },
             &mut out,
         );
         let text = String::from_utf8(out).unwrap();
         assert!(text.contains("dflockd_connections 2\n"));
+        assert!(text.contains("dflockd_cluster_term 7\n"));
+        assert!(text.contains("dflockd_cluster_leader_id 3\n"));
+        assert!(text.contains("# TYPE dflockd_cluster_fsyncs_total counter\n"));
         assert!(text.contains("dflockd_protocol_errors_total{kind=\"line_too_long\"} 1\n"));
         assert!(text.contains("dflockd_loop_turn_seconds_bucket{le=\"0.00005\"} 1\n"));
         assert!(text.contains("dflockd_loop_turn_seconds_bucket{le=\"+Inf\"} 2\n"));

@@ -6,7 +6,7 @@
 //! request), resumes connections whose blocking command was answered, and
 //! finally flushes each connection with pending output once.
 
-mod cluster;
+pub mod cluster;
 mod conn;
 mod http;
 pub mod metrics;

@@ -126,6 +126,7 @@ pub struct Links {
     members: Vec<u64>,
     hello: Vec<u8>,
     proof: Vec<u8>,
+    settings: u64,
     auth: Option<AuthToken>,
     tls: Option<PeerTls>,
     scratch: Vec<u8>,
@@ -137,6 +138,7 @@ impl Links {
         self_id: u64,
         cluster_id: u64,
         peers: &[(u64, SocketAddr)],
+        settings: u64,
         auth: Option<AuthToken>,
         tls: Option<PeerTls>,
     ) -> io::Result<Links> {
@@ -146,7 +148,16 @@ impl Links {
             .map(|a| a.peer_proof(cluster_id).to_vec())
             .unwrap_or_default();
         let mut hello = Vec::new();
-        wire::encode_hello(&mut hello, cluster_id, self_id, false, &proof);
+        wire::encode_hello(
+            &mut hello,
+            &wire::Hello {
+                cluster_id,
+                node: self_id,
+                settings,
+                has_state: false,
+                proof: &proof,
+            },
+        );
         let outbound = peers
             .iter()
             .filter(|(id, _)| *id != self_id)
@@ -171,6 +182,7 @@ impl Links {
             members: peers.iter().map(|p| p.0).collect(),
             hello,
             proof,
+            settings,
             auth,
             tls,
             scratch: vec![0; 64 * 1024],
@@ -183,10 +195,13 @@ impl Links {
         self.hello.clear();
         wire::encode_hello(
             &mut self.hello,
-            self.cluster_id,
-            self.self_id,
-            has_state,
-            &self.proof,
+            &wire::Hello {
+                cluster_id: self.cluster_id,
+                node: self.self_id,
+                settings: self.settings,
+                has_state,
+                proof: &self.proof,
+            },
         );
     }
 
@@ -293,6 +308,7 @@ impl Links {
                     hello @ Frame::Hello {
                         cluster_id,
                         node,
+                        settings,
                         proof,
                         ..
                     },
@@ -304,6 +320,10 @@ impl Links {
                         ));
                     } else if node == self.self_id || !self.members.contains(&node) {
                         close = Some(format!("hello from unknown node {node}"));
+                    } else if settings != self.settings {
+                        close = Some(format!(
+                            "node {node} runs with other lock settings: every node needs the same --default-lease-ttl, --max-locks, --max-waiters, --gc-interval, --gc-max-idle, --max-subscriptions, --max-holds-per-connection and --auto-release-on-disconnect"
+                        ));
                     } else if let Some(auth) = &self.auth
                         && !auth.verify_peer_proof(cluster_id, proof)
                     {
