@@ -213,6 +213,13 @@ const SPECS: &[Spec] = &[
         meta: "MS",
         help: "cluster mode: a follower that hears no leader this long starts an election; at least twice --heartbeat-interval",
     },
+    Spec {
+        flag: "snapshot-entries",
+        envs: &["DFLOCKD_SNAPSHOT_ENTRIES"],
+        default: "10000",
+        meta: "N",
+        help: "cluster mode: compact the log into a snapshot of the lock state every N applied entries (or 64 MiB of log)",
+    },
 ];
 
 /// Where the shared secret comes from.
@@ -256,6 +263,8 @@ pub struct ClusterSettings {
     pub data_dir: PathBuf,
     pub heartbeat_interval_ms: u64,
     pub election_timeout_ms: u64,
+    /// Applied entries between snapshots.
+    pub snapshot_entries: u64,
 }
 
 impl ClusterSettings {
@@ -472,7 +481,13 @@ where
              the heartbeat interval ({heartbeat_interval_ms} ms, {hb_src})"
         )));
     }
-    let cluster = cluster_settings(&value, heartbeat_interval_ms, election_timeout_ms)?;
+    let snapshot_entries = number("snapshot-entries", 1, u32::MAX as u64)?;
+    let cluster = cluster_settings(&value, heartbeat_interval_ms, election_timeout_ms)?.map(|c| {
+        ClusterSettings {
+            snapshot_entries,
+            ..c
+        }
+    });
     Ok(Action::Run(Box::new(Config {
         host: host.trim().to_owned(),
         port: number("port", 0, u16::MAX as u64)? as u16,
@@ -581,6 +596,7 @@ fn cluster_settings(
         data_dir: dir.into(),
         heartbeat_interval_ms,
         election_timeout_ms,
+        snapshot_entries: 10_000,
     }))
 }
 
@@ -861,6 +877,7 @@ mod tests {
                 data_dir: "/var/lib/dflockd".into(),
                 heartbeat_interval_ms: 100,
                 election_timeout_ms: 1000,
+                snapshot_entries: 10_000,
             }
         );
         assert_eq!(c.own_addr(), None);

@@ -13,6 +13,13 @@
 //!
 //! The wheel never reads a clock: it is advanced with [`TimerWheel::expire`]
 //! and `now` in milliseconds from an arbitrary origin chosen by the caller.
+//!
+//! Every timer gets an arming sequence number, and each `expire` hands out
+//! its batch in (deadline, sequence) order. Where an entry sits in the wheel
+//! depends only on the wheel's time and the entry's deadline, so a wheel
+//! rebuilt from (time, deadlines, sequence numbers) — see
+//! [`TimerWheel::resume`] and [`TimerWheel::rearm`] — fires exactly the same
+//! timers at the same moments, in the same order, as the original.
 
 use slab::Slab;
 
@@ -20,13 +27,14 @@ const LEVELS: usize = 6;
 const SLOT_BITS: u32 = 6;
 const SLOTS: usize = 1 << SLOT_BITS;
 /// Largest distance from the wheel's current time that can be represented.
-const MAX_SPAN: u64 = (1u64 << (SLOT_BITS as u64 * LEVELS as u64)) - 1;
+pub const MAX_SPAN: u64 = (1u64 << (SLOT_BITS as u64 * LEVELS as u64)) - 1;
 const NIL: u32 = u32::MAX;
 
 /// A handle to a scheduled timer, used to cancel it.
 ///
-/// Handles carry a generation, so cancelling a handle whose timer already
-/// fired (and whose slab slot was reused) is a harmless no-op.
+/// Handles carry a generation (the low half of the arming sequence number),
+/// so cancelling a handle whose timer already fired (and whose slab slot was
+/// reused) is a harmless no-op.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TimerHandle {
     index: u32,
@@ -35,7 +43,8 @@ pub struct TimerHandle {
 
 struct Entry<T> {
     deadline: u64,
-    generation: u32,
+    /// When the timer was armed: the wheel's insert count at the time.
+    seq: u64,
     level: u8,
     slot: u8,
     prev: u32,
@@ -51,7 +60,9 @@ pub struct TimerWheel<T> {
     occupied: [u64; LEVELS],
     /// The wheel's current time: every entry's deadline is `>= elapsed`.
     elapsed: u64,
-    next_generation: u32,
+    next_seq: u64,
+    /// Scratch for `expire`: the entries due, to be sorted.
+    due: Vec<u32>,
 }
 
 impl<T> Default for TimerWheel<T> {
@@ -68,8 +79,54 @@ impl<T> TimerWheel<T> {
             tails: [[NIL; SLOTS]; LEVELS],
             occupied: [0; LEVELS],
             elapsed: 0,
-            next_generation: 0,
+            next_seq: 0,
+            due: Vec::new(),
         }
+    }
+
+    /// An empty wheel at time `elapsed` whose next timer gets sequence number
+    /// `next_seq`: the start of rebuilding a wheel recorded by
+    /// [`elapsed`](Self::elapsed), [`next_seq`](Self::next_seq) and
+    /// [`scheduled`](Self::scheduled), whose timers are then put back with
+    /// [`rearm`](Self::rearm).
+    pub fn resume(elapsed: u64, next_seq: u64) -> Self {
+        TimerWheel {
+            elapsed,
+            next_seq,
+            ..Self::new()
+        }
+    }
+
+    /// The wheel's current time (the latest `now` it was advanced to).
+    pub fn elapsed(&self) -> u64 {
+        self.elapsed
+    }
+
+    /// The sequence number the next armed timer gets.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// (deadline, arming sequence number) of a scheduled timer. The deadline
+    /// is the one the wheel keeps: a very distant one is clamped.
+    pub fn scheduled(&self, handle: TimerHandle) -> Option<(u64, u64)> {
+        self.entries
+            .get(handle.index as usize)
+            .filter(|e| e.seq as u32 == handle.generation)
+            .map(|e| (e.deadline, e.seq))
+    }
+
+    /// Puts back a timer recorded by [`scheduled`](Self::scheduled), with its
+    /// deadline and sequence number unchanged. `None` (and nothing armed) if
+    /// the deadline is outside `elapsed ..= elapsed + MAX_SPAN` or the
+    /// sequence number is not below [`next_seq`](Self::next_seq); the caller
+    /// checks that sequence numbers are distinct.
+    pub fn rearm(&mut self, deadline: u64, seq: u64, payload: T) -> Option<TimerHandle> {
+        let in_span = deadline >= self.elapsed && deadline - self.elapsed <= MAX_SPAN;
+        if !in_span || seq >= self.next_seq {
+            return None;
+        }
+        Some(self.link_new(deadline, seq, payload))
     }
 
     /// Number of scheduled timers.
@@ -87,11 +144,15 @@ impl<T> TimerWheel<T> {
         let deadline = deadline
             .max(self.elapsed)
             .min(self.elapsed.saturating_add(MAX_SPAN));
-        let generation = self.next_generation;
-        self.next_generation = self.next_generation.wrapping_add(1);
+        let seq = self.next_seq;
+        self.next_seq = self.next_seq.wrapping_add(1);
+        self.link_new(deadline, seq, payload)
+    }
+
+    fn link_new(&mut self, deadline: u64, seq: u64, payload: T) -> TimerHandle {
         let index = self.entries.insert(Entry {
             deadline,
-            generation,
+            seq,
             level: 0,
             slot: 0,
             prev: NIL,
@@ -99,7 +160,10 @@ impl<T> TimerWheel<T> {
             payload,
         }) as u32;
         self.link(index);
-        TimerHandle { index, generation }
+        TimerHandle {
+            index,
+            generation: seq as u32,
+        }
     }
 
     /// Cancels a timer, returning its payload if it was still scheduled.
@@ -107,7 +171,7 @@ impl<T> TimerWheel<T> {
         let live = self
             .entries
             .get(handle.index as usize)
-            .is_some_and(|e| e.generation == handle.generation);
+            .is_some_and(|e| e.seq as u32 == handle.generation);
         if !live {
             return None;
         }
@@ -119,7 +183,7 @@ impl<T> TimerWheel<T> {
     pub fn is_scheduled(&self, handle: TimerHandle) -> bool {
         self.entries
             .get(handle.index as usize)
-            .is_some_and(|e| e.generation == handle.generation)
+            .is_some_and(|e| e.seq as u32 == handle.generation)
     }
 
     /// The earliest deadline among scheduled timers, if any. May be earlier
@@ -130,9 +194,14 @@ impl<T> TimerWheel<T> {
     }
 
     /// Advances the wheel to `now` and appends the payload of every timer whose
-    /// deadline is `<= now` to `fired`, in deadline order (ties in insertion
-    /// order within a slot).
+    /// deadline is `<= now` to `fired`, in (deadline, arming sequence) order.
     pub fn expire(&mut self, now: u64, fired: &mut Vec<T>) {
+        let mut due = std::mem::take(&mut self.due);
+        // Slots come in time order, but within one millisecond the list order
+        // depends on history (entries cascaded from a coarser slot come before
+        // those armed straight into the fine one). Arming order does not: the
+        // batch is sorted on it, when it is not already (the common case).
+        let (mut last, mut sorted) = ((0, 0), true);
         while let Some((level, slot, deadline)) = self.next_expiration() {
             if deadline > now {
                 break;
@@ -149,7 +218,10 @@ impl<T> TimerWheel<T> {
                 entry.prev = NIL;
                 entry.next = NIL;
                 if entry.deadline <= self.elapsed {
-                    fired.push(self.entries.remove(index as usize).payload);
+                    let key = (entry.deadline, entry.seq);
+                    sorted &= last <= key;
+                    last = key;
+                    due.push(index);
                 } else {
                     // Cascade to a finer level now that time has moved on.
                     self.link(index);
@@ -159,6 +231,18 @@ impl<T> TimerWheel<T> {
         if now > self.elapsed {
             self.elapsed = now;
         }
+        if !sorted {
+            let entries = &self.entries;
+            due.sort_unstable_by_key(|&i| {
+                let e = &entries[i as usize];
+                (e.deadline, e.seq)
+            });
+        }
+        for &i in &due {
+            fired.push(self.entries.remove(i as usize).payload);
+        }
+        due.clear();
+        self.due = due;
     }
 
     fn level_for(&self, deadline: u64) -> usize {
@@ -219,14 +303,18 @@ impl<T> TimerWheel<T> {
             let slot_range = 1u64 << shift;
             let level_range = slot_range << SLOT_BITS;
             let now_slot = ((self.elapsed >> shift) as usize) & (SLOTS - 1);
-            let rotated = occupied.rotate_right(now_slot as u32);
-            let slot = (rotated.trailing_zeros() as usize + now_slot) % SLOTS;
-            let level_start = self.elapsed & !(level_range.wrapping_sub(1));
-            let mut deadline = level_start + slot as u64 * slot_range;
             // Entries sit ahead of the current time within their level, so a
             // slot at or behind it belongs to the next turn of the level (this
             // happens only for far deadlines clamped into the top level).
-            // Level 0's current slot holds timers due right now.
+            // Level 0's current slot holds timers due right now; on the other
+            // levels the current slot comes last, after the rest of the turn
+            // (a clamped deadline lands in it, and must not hide the earlier
+            // slots of this turn).
+            let first = if level == 0 { now_slot } else { now_slot + 1 } % SLOTS;
+            let rotated = occupied.rotate_right(first as u32);
+            let slot = (rotated.trailing_zeros() as usize + first) % SLOTS;
+            let level_start = self.elapsed & !(level_range.wrapping_sub(1));
+            let mut deadline = level_start + slot as u64 * slot_range;
             if deadline < self.elapsed || (level > 0 && deadline == self.elapsed) {
                 deadline += level_range;
             }
@@ -306,6 +394,23 @@ mod tests {
         assert!((12_345..=12_345 + 70_000).contains(&nd));
     }
 
+    /// A clamped deadline sits in the top level's current slot, for its
+    /// next turn; it must not hide a nearer deadline on the same level.
+    #[test]
+    fn a_clamped_deadline_does_not_delay_nearer_ones() {
+        let mut w = TimerWheel::new();
+        let mut v = Vec::new();
+        w.expire(5_000, &mut v);
+        w.insert(u64::MAX, 1);
+        let month = 30 * 24 * 3600 * 1000;
+        w.insert(5_000 + month, 2);
+        assert_eq!(w.next_deadline(), Some(2 << 30));
+        assert_eq!(drain(&mut w, 5_000 + month - 1), Vec::<u64>::new());
+        assert_eq!(drain(&mut w, 5_000 + month), vec![2]);
+        assert_eq!(drain(&mut w, 5_000 + MAX_SPAN - 1), Vec::<u64>::new());
+        assert_eq!(drain(&mut w, 5_000 + MAX_SPAN), vec![1]);
+    }
+
     #[test]
     fn far_deadlines_are_clamped_not_lost() {
         let mut w = TimerWheel::new();
@@ -313,6 +418,122 @@ mod tests {
         let mut v = Vec::new();
         w.expire(MAX_SPAN, &mut v);
         assert_eq!(v, vec![9]);
+    }
+
+    #[test]
+    fn ties_fire_in_arming_order_across_cascades() {
+        let mut w = TimerWheel::new();
+        let mut v = Vec::new();
+        w.expire(4_000, &mut v);
+        // Armed at 4000 for 4100: on level 2 until 4096, then cascaded.
+        w.insert(4_100, 1);
+        w.expire(4_097, &mut v);
+        w.insert(4_100, 2);
+        // Rebuilt with the later one first: the order still follows arming.
+        let mut r = TimerWheel::resume(w.elapsed(), w.next_seq());
+        r.rearm(4_100, 1, 2).unwrap();
+        r.rearm(4_100, 0, 1).unwrap();
+        assert_eq!(drain(&mut w, 4_100), vec![1, 2]);
+        assert_eq!(drain(&mut r, 4_100), vec![1, 2]);
+    }
+
+    #[test]
+    fn rearm_refuses_what_the_wheel_cannot_hold() {
+        let mut w = TimerWheel::resume(1_000, 5);
+        assert!(w.rearm(999, 0, 0).is_none());
+        assert!(w.rearm(1_000 + MAX_SPAN + 1, 0, 0).is_none());
+        assert!(w.rearm(2_000, 5, 0).is_none());
+        let h = w.rearm(1_000 + MAX_SPAN, 4, 7).unwrap();
+        assert_eq!(w.scheduled(h), Some((1_000 + MAX_SPAN, 4)));
+        assert_eq!(
+            w.insert(1, 8),
+            TimerHandle {
+                index: 1,
+                generation: 5
+            }
+        );
+    }
+
+    /// A wheel rebuilt from (time, deadlines, sequence numbers) at any
+    /// moment fires the same timers at the same moments in the same order,
+    /// and reports the same next deadline, as the original.
+    #[test]
+    fn a_resumed_wheel_matches_the_original() {
+        let mut seed = 0x0123_4567_89ab_cdefu64;
+        let mut rnd = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for round in 0..40 {
+            let mut a = TimerWheel::new();
+            let mut live: Vec<(u64, TimerHandle)> = Vec::new();
+            let mut b: Option<(TimerWheel<u64>, Vec<TimerHandle>)> = None;
+            let mut now = 0u64;
+            let mut id = 0u64;
+            let resume_at = rnd() % 300;
+            for step in 0..300u64 {
+                if step == resume_at {
+                    let mut w = TimerWheel::resume(a.elapsed(), a.next_seq());
+                    // In any order: the order of re-arming must not matter.
+                    let mut order: Vec<usize> = (0..live.len()).collect();
+                    order.sort_by_key(|_| rnd());
+                    let mut handles = vec![None; live.len()];
+                    for i in order {
+                        let (d, s) = a.scheduled(live[i].1).unwrap();
+                        handles[i] = w.rearm(d, s, live[i].0);
+                    }
+                    b = Some((w, handles.into_iter().map(Option::unwrap).collect()));
+                }
+                match rnd() % 8 {
+                    0..=3 => {
+                        let span = match rnd() % 6 {
+                            0 => rnd() % 64,
+                            1 => rnd() % 5_000,
+                            2 => rnd() % 400_000,
+                            3 => rnd() % 80_000_000_000,
+                            4 => u64::MAX - now,
+                            _ => 0,
+                        };
+                        id += 1;
+                        live.push((id, a.insert(now + span, id)));
+                        if let Some((w, hs)) = &mut b {
+                            hs.push(w.insert(now + span, id));
+                        }
+                    }
+                    4 if !live.is_empty() => {
+                        let i = (rnd() % live.len() as u64) as usize;
+                        let (pid, h) = live.swap_remove(i);
+                        assert_eq!(a.cancel(h), Some(pid));
+                        if let Some((w, hs)) = &mut b {
+                            assert_eq!(w.cancel(hs.swap_remove(i)), Some(pid));
+                        }
+                    }
+                    _ => {
+                        now += match rnd() % 4 {
+                            0 => rnd() % 100,
+                            1 => rnd() % 100_000,
+                            2 => rnd() % 80_000_000_000,
+                            _ => a.next_deadline().map_or(0, |d| d.saturating_sub(now)),
+                        };
+                        let fired = drain(&mut a, now);
+                        if let Some((w, hs)) = &mut b {
+                            assert_eq!(drain(w, now), fired, "round {round} step {step}");
+                            let keep: Vec<bool> =
+                                live.iter().map(|(p, _)| !fired.contains(p)).collect();
+                            let mut k = keep.iter();
+                            hs.retain(|_| *k.next().unwrap());
+                        }
+                        live.retain(|(p, _)| !fired.contains(p));
+                    }
+                }
+                if let Some((w, _)) = &b {
+                    assert_eq!(w.next_deadline(), a.next_deadline(), "round {round}");
+                    assert_eq!(w.len(), a.len());
+                }
+            }
+        }
     }
 
     #[test]

@@ -208,6 +208,7 @@ fn bad_hellos_and_garbage_on_the_peer_port_are_closed_and_logged() {
             data_dir: PathBuf::new(),
             heartbeat_interval_ms: 50,
             election_timeout_ms: 500,
+            snapshot_entries: 10_000,
         }
         .cluster_id()
     };
@@ -252,6 +253,64 @@ fn bad_hellos_and_garbage_on_the_peer_port_are_closed_and_logged() {
     ] {
         assert!(log.contains(needle), "log lacks {needle:?}:\n{log}");
     }
+}
+
+/// The `locks` part of a stats body (what every node must agree on).
+fn locks_of(stats: &str) -> String {
+    let from = stats.find("\"locks\"").unwrap();
+    let to = stats.find("\"cluster\"").unwrap();
+    // Lease times differ by when each node was asked: keep keys and owners.
+    stats[from..to]
+        .split(',')
+        .filter(|f| !f.contains("lease_expires_in_s") && !f.contains("idle_s"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+#[test]
+fn snapshots_bound_the_log_and_a_wiped_node_catches_up_from_one() {
+    let dir = TempDir::new("snap");
+    let ports = free_ports(3);
+    let extra = ["--snapshot-entries", "20"];
+    let mut nodes: Vec<Server> = (1..=3).map(|i| node(i, &ports, &dir, &extra)).collect();
+    let mut c = Client::connect(nodes[0].port);
+    wait_until("a leader", Duration::from_secs(15), || {
+        field(&c.cmd("stats", "_", "_"), "leader_id") != 0
+    });
+    // History: many entries; state: a few held locks.
+    for i in 0..150 {
+        let t = c.lock(&format!("k{}", i % 5), "0");
+        assert_eq!(c.cmd("r", &format!("k{}", i % 5), &t), "ok");
+    }
+    let mut holder = Client::connect(nodes[1].port);
+    let held = holder.lock("held", "0 600");
+    let s = c.cmd("stats", "_", "_");
+    assert!(field(&s, "snapshot_index") > 100, "{s}");
+    assert!(
+        field(&s, "log_bytes") < 64 * 1024,
+        "the log is bounded by the state: {s}"
+    );
+    // Node 3 loses its data dir.
+    nodes[2].child.kill().unwrap();
+    nodes[2].child.wait().unwrap();
+    std::fs::remove_dir_all(dir.sub("n3")).unwrap();
+    nodes[2] = node(3, &ports, &dir, &extra);
+    let mut c3 = Client::connect(nodes[2].port);
+    wait_until("node 3 caught up", Duration::from_secs(15), || {
+        let a = c.cmd("stats", "_", "_");
+        let b = c3.cmd("stats", "_", "_");
+        field(&b, "applied_index") >= field(&a, "applied_index") && locks_of(&a) == locks_of(&b)
+    });
+    let log = nodes[2].drain_log().join("\n");
+    assert!(
+        log.contains("installed a snapshot from the leader"),
+        "{log}"
+    );
+    // Node 3 serves: the held lock is held there too, and it can be released
+    // through it... by its holder only (token checked cluster-wide).
+    assert_eq!(c3.cmd("l", "held", "0"), "timeout");
+    assert_eq!(holder.cmd("r", "held", &held), "ok");
+    assert!(c3.cmd("l", "held", "0").starts_with("ok "));
 }
 
 fn dflockd(args: &[&str]) -> (Option<i32>, String) {
@@ -329,7 +388,14 @@ fn a_durable_node_killed_again_and_again_under_load_loses_nothing_acknowledged()
     let mut kept: Option<(String, u64)> = None;
     let mut rng = 0x9e37_79b9_7f4a_7c15u64;
     for round in 0..15 {
-        let mut s = Server::start(&["--data-dir", &d, "--no-auto-release-on-disconnect"]);
+        // Small snapshots: restarts recover from a snapshot plus a log.
+        let mut s = Server::start(&[
+            "--data-dir",
+            &d,
+            "--no-auto-release-on-disconnect",
+            "--snapshot-entries",
+            "50",
+        ]);
         let mut c = s.connect();
         // What was acknowledged before the last kill is still there.
         if let Some((token, fence)) = &kept {

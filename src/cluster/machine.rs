@@ -39,6 +39,9 @@ pub enum Event {
     /// One of this node's commands can never be applied: its incarnation
     /// is over (declared lost, or superseded). The node must start anew.
     Stale { incarnation: u64 },
+    /// The state was replaced by a snapshot from the leader: requests this
+    /// node had in flight will get no reply.
+    Restored,
     /// A node's incarnation was declared lost (logged by every node).
     NodeLost {
         node: u64,

@@ -17,7 +17,7 @@ use std::collections::VecDeque;
 
 use hashbrown::HashMap;
 use log::{info, warn};
-use raft::prelude::{Entry, EntryType, HardState, Message, MessageType};
+use raft::prelude::{ConfState, Entry, EntryType, HardState, Message, MessageType, Snapshot};
 use raft::{RawNode, StateRole};
 
 use super::command::{BatchHeader, Command, Commands, Origin, batch_now, begin_batch};
@@ -25,6 +25,11 @@ use super::machine::{Event, Machine, ReplicatedEntropy};
 use super::store::Store;
 use crate::core::{ConnId, Core, Outbox};
 use crate::storage::wal::{self, Identity, Wal};
+
+/// A snapshot is taken once this many entries follow the last one (or the
+/// log file passes [`SNAPSHOT_LOG_BYTES`]).
+pub const SNAPSHOT_ENTRIES: u64 = 10_000;
+pub const SNAPSHOT_LOG_BYTES: u64 = 64 << 20;
 
 /// Settings of a member.
 #[derive(Clone, Debug)]
@@ -140,6 +145,9 @@ pub struct Node {
     standby: Standby,
     /// This incarnation's `Join` has been applied.
     joined: bool,
+    /// The snapshot the data dir held, until [`Node::make_core`] takes it.
+    restored: Option<Vec<u8>>,
+    snapshot_entries: u64,
     scratch_times: Vec<u64>,
 }
 
@@ -161,6 +169,16 @@ impl Node {
         let (wal, recovered) = Wal::open(dir, identity).map_err(NodeError::Storage)?;
         let mut store = Store::new(&cfg.voters);
         let mut max_now_seen = 0;
+        let mut restored = None;
+        if let Some(snap) = &recovered.snapshot {
+            store.apply_snapshot(raft_snapshot(
+                snap.index,
+                snap.term,
+                &cfg.voters,
+                snap.data.clone(),
+            ));
+            restored = Some(snap.data.clone());
+        }
         let entries: Vec<Entry> = recovered
             .entries
             .iter()
@@ -186,7 +204,7 @@ impl Node {
             pre_vote: true,
             max_size_per_msg: 1 << 20,
             max_inflight_msgs: 256,
-            applied: 0,
+            applied: store.snapshot_index(),
             ..Default::default()
         };
         if let Some(t) = cfg.fixed_election_ticks {
@@ -197,6 +215,23 @@ impl Node {
         rc.validate().map_err(NodeError::Raft)?;
         let raw = RawNode::new(&rc, store, logger).map_err(NodeError::Raft)?;
         let entropy = ReplicatedEntropy::default();
+        let mut machine = Machine::new(cfg.id, entropy);
+        if let Some(data) = &restored {
+            let corrupt = |what: String| {
+                NodeError::Storage(wal::Error::Corrupt {
+                    file: dir.join("snapshot"),
+                    offset: 0,
+                    what,
+                })
+            };
+            let (mbytes, cbytes) =
+                split_state(data).ok_or_else(|| corrupt("the snapshot is truncated".into()))?;
+            machine
+                .restore(mbytes)
+                .map_err(|e| corrupt(format!("the snapshot's state does not decode: {e}")))?;
+            restored = Some(cbytes.to_vec());
+            max_now_seen = max_now_seen.max(machine.now());
+        }
         let standby = if recovered.fresh && cfg.voters.len() > 1 {
             Standby::Undecided {
                 fresh_peers: Vec::new(),
@@ -207,8 +242,10 @@ impl Node {
         let node = Node {
             standby,
             joined: false,
+            restored,
             scratch_times: Vec::new(),
-            machine: Machine::new(cfg.id, entropy),
+            snapshot_entries: SNAPSHOT_ENTRIES,
+            machine,
             cfg,
             raw,
             wal,
@@ -242,6 +279,26 @@ impl Node {
     /// The entropy the local `Core` must be built with.
     pub fn entropy(&self) -> ReplicatedEntropy {
         self.machine.entropy()
+    }
+
+    /// The `Core` this node applies to: restored from the data dir's
+    /// snapshot if it had one, else empty.
+    pub fn make_core(&mut self, cfg: crate::core::Config) -> Result<Core, NodeError> {
+        match self.restored.take() {
+            Some(bytes) => Core::restore(cfg, &bytes, Box::new(self.entropy())).map_err(|e| {
+                NodeError::Storage(wal::Error::Corrupt {
+                    file: std::path::PathBuf::from("snapshot"),
+                    offset: 0,
+                    what: format!("the snapshot's lock state does not decode: {e}"),
+                })
+            }),
+            None => Ok(Core::new(cfg, 0, Box::new(self.entropy()))),
+        }
+    }
+
+    /// Takes a snapshot every `n` applied entries (tests use small values).
+    pub fn set_snapshot_every(&mut self, n: u64) {
+        self.snapshot_entries = n.max(1);
     }
 
     pub fn id(&self) -> u64 {
@@ -380,6 +437,21 @@ impl Node {
     /// A peer's hello: whether it has state decides whether this node,
     /// started with an empty data dir, joins a new cluster or recovers.
     pub fn peer_hello(&mut self, from: u64, has_state: bool) {
+        if !has_state && self.role == StateRole::Leader {
+            // The peer restarted with an empty log: what this leader knows
+            // it had replicated there is gone. Probe it from the start, or
+            // Raft would ignore its rejections as stale forever.
+            if let Some(pr) = self.raw.raft.mut_prs().get_mut(from)
+                && pr.matched > 0
+            {
+                warn!(
+                    "node {}: node {from} lost its log (it had up to index {}); replicating to it again",
+                    self.cfg.id, pr.matched
+                );
+                pr.matched = 0;
+                pr.become_probe();
+            }
+        }
         let majority = self.cfg.voters.len() / 2 + 1;
         let Standby::Undecided { fresh_peers } = &mut self.standby else {
             return;
@@ -690,9 +762,7 @@ impl Node {
         let mut rd = self.raw.ready();
         self.send(rd.take_messages());
         if !rd.snapshot().is_empty() {
-            return Err(NodeError::Raft(raft::Error::Store(
-                raft::StorageError::SnapshotTemporarilyUnavailable,
-            )));
+            self.install_snapshot(rd.snapshot().clone(), core)?;
         }
         self.apply(core, rd.take_committed_entries(), outbox);
         if !rd.entries().is_empty() {
@@ -721,9 +791,132 @@ impl Node {
         self.send(light.take_messages());
         self.apply(core, light.take_committed_entries(), outbox);
         self.raw.advance_apply();
+        self.maybe_compact(core)?;
         self.stats.applied = self.machine.applied();
         self.stats.commit = self.raw.raft.raft_log.committed;
         self.stats.log_bytes = self.wal.size();
+        Ok(())
+    }
+
+    /// The state a snapshot carries: the machine's, then the core's.
+    fn state_bytes(&self, core: &Core) -> Vec<u8> {
+        let mut m = Vec::new();
+        self.machine.encode(&mut m);
+        let mut data = Vec::with_capacity(m.len() + 4096);
+        data.extend_from_slice(&(m.len() as u32).to_le_bytes());
+        data.extend_from_slice(&m);
+        core.snapshot(&mut data);
+        data
+    }
+
+    /// Compacts the log into a snapshot when it has grown enough.
+    fn maybe_compact(&mut self, core: &Core) -> Result<(), NodeError> {
+        let applied = self.machine.applied();
+        let since = applied.saturating_sub(self.raw.store().snapshot_index());
+        if since == 0 || (since < self.snapshot_entries && self.wal.size() < SNAPSHOT_LOG_BYTES) {
+            return Ok(());
+        }
+        let data = self.state_bytes(core);
+        let bytes = data.len() as u64;
+        let Some(snap) = self.raw.mut_store().compact(applied, data) else {
+            return Ok(());
+        };
+        let meta = snap.get_metadata();
+        let wsnap = wal::Snapshot {
+            index: meta.index,
+            term: meta.term,
+            meta: Vec::new(),
+            data: snap.data.clone(),
+        };
+        self.persist_snapshot(&wsnap)?;
+        self.stats.snapshot_index = wsnap.index;
+        self.stats.snapshot_bytes = bytes;
+        log::debug!(
+            "node {}: snapshot at index {} ({bytes} bytes); log compacted",
+            self.cfg.id,
+            wsnap.index
+        );
+        Ok(())
+    }
+
+    /// Writes `snap` and the entries after it as the new log.
+    fn persist_snapshot(&mut self, snap: &wal::Snapshot) -> Result<(), NodeError> {
+        let store = self.raw.store();
+        let keep: Vec<wal::Entry> = store
+            .entries_after_snapshot()
+            .iter()
+            .map(|e| wal::Entry {
+                index: e.index,
+                term: e.term,
+                data: e.data.clone(),
+            })
+            .collect();
+        let hs = store.hard_state();
+        let hs = wal::HardState {
+            term: hs.term,
+            vote: hs.vote,
+            commit: hs.commit,
+        };
+        if let Err(e) = self.wal.install_snapshot(snap, &keep, &hs) {
+            self.failed = Some(e.to_string());
+            return Err(NodeError::Storage(e));
+        }
+        Ok(())
+    }
+
+    /// A snapshot from the leader: this node was too far behind for the
+    /// log. The machine and core are replaced by its state.
+    fn install_snapshot(&mut self, snap: Snapshot, core: &mut Core) -> Result<(), NodeError> {
+        let meta = snap.get_metadata();
+        let (index, term) = (meta.index, meta.term);
+        let data = &snap.data;
+        let bad = |what: String| {
+            NodeError::Storage(wal::Error::Corrupt {
+                file: std::path::PathBuf::from("snapshot from the leader"),
+                offset: 0,
+                what,
+            })
+        };
+        let (mbytes, cbytes) = split_state(data).ok_or_else(|| bad("truncated".into()))?;
+        let mut machine = Machine::new(self.cfg.id, self.machine.entropy());
+        let state_before = self.machine.entropy().state();
+        if let Err(e) = machine.restore(mbytes) {
+            self.machine.entropy().set_state(state_before);
+            return Err(bad(format!("machine state: {e}")));
+        }
+        let restored =
+            match Core::restore(core.config().clone(), cbytes, Box::new(machine.entropy())) {
+                Ok(c) => c,
+                Err(e) => {
+                    self.machine.entropy().set_state(state_before);
+                    return Err(bad(format!("lock state: {e}")));
+                }
+            };
+        self.raw.mut_store().apply_snapshot(snap.clone());
+        self.persist_snapshot(&wal::Snapshot {
+            index,
+            term,
+            meta: Vec::new(),
+            data: snap.data.clone(),
+        })?;
+        *core = restored;
+        self.machine = machine;
+        self.max_now_seen = self.max_now_seen.max(self.machine.now());
+        self.stats.snapshot_index = index;
+        self.stats.snapshot_bytes = snap.data.len() as u64;
+        // This node's commands the snapshot covers are done; those in flight
+        // get no reply (the server closes their connections).
+        if let Some((inc, _)) = self.machine.session(self.cfg.id)
+            && inc == self.incarnation
+        {
+            self.joined = true;
+        }
+        self.events.push(Event::Restored);
+        info!(
+            "node {}: installed a snapshot from the leader at index {index} ({} bytes)",
+            self.cfg.id,
+            snap.data.len()
+        );
         Ok(())
     }
 
@@ -793,6 +986,23 @@ impl Node {
             self.progress_ms = self.mono;
         }
     }
+}
+
+/// A snapshot's state: (the machine's, the core's).
+fn split_state(data: &[u8]) -> Option<(&[u8], &[u8])> {
+    let mlen = u32::from_le_bytes(data.get(..4)?.try_into().ok()?) as usize;
+    let m = data.get(4..4usize.checked_add(mlen)?)?;
+    Some((m, &data[4 + mlen..]))
+}
+
+fn raft_snapshot(index: u64, term: u64, voters: &[u64], data: Vec<u8>) -> Snapshot {
+    let mut snap = Snapshot::default();
+    let meta = snap.mut_metadata();
+    meta.index = index;
+    meta.term = term;
+    meta.set_conf_state(ConfState::from((voters.to_vec(), Vec::<u64>::new())));
+    snap.data = data;
+    snap
 }
 
 fn raft_entry(index: u64, term: u64, data: Vec<u8>) -> Entry {

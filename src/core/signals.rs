@@ -17,6 +17,9 @@ use hashbrown::HashMap;
 use slab::Slab;
 
 use super::ConnId;
+use super::snapshot::{
+    Reader, SnapshotError, bad, build_slab, put_len, put_str, put_u32, put_u64, read_vacant,
+};
 
 const ROOT: u32 = 0;
 const NONE: u32 = u32::MAX;
@@ -95,6 +98,9 @@ pub struct Signals {
     by_conn: HashMap<ConnId, Vec<u32>>,
     matched: Vec<u32>,
     plain: Vec<ConnId>,
+    /// The vacant slots of `subs`, the next one to be reused last (a
+    /// subscription's slot decides its place in `stats`).
+    vacant: Vec<u32>,
 }
 
 impl Default for Signals {
@@ -117,6 +123,7 @@ impl Signals {
             by_conn: HashMap::new(),
             matched: Vec::new(),
             plain: Vec::new(),
+            vacant: Vec::new(),
         }
     }
 
@@ -155,6 +162,8 @@ impl Signals {
                     members: Vec::new(),
                     next: 0,
                 }) as u32;
+                let reused = self.vacant.pop();
+                debug_assert!(reused.is_none_or(|v| v == s));
                 self.nodes[node as usize].subs.push(s);
                 self.by_name.insert((pattern.into(), group.into()), s);
                 s
@@ -297,6 +306,7 @@ impl Signals {
             return;
         }
         let s = self.subs.remove(sub as usize);
+        self.vacant.push(sub);
         self.by_name.remove(&(s.pattern.clone(), s.group.clone()));
         let node = &mut self.nodes[s.node as usize];
         node.subs.retain(|&x| x != sub);
@@ -318,6 +328,168 @@ impl Signals {
             }
             node = parent;
         }
+    }
+}
+
+// ---- snapshots ----
+//
+// u32 subscription slots, count + u32s: vacant slots (reused last first)
+// count + patterns, in the order of their lowest subscription slot:
+//     str pattern, count + subscriptions in the pattern node's order:
+//         u32 slot, str group, u32 round-robin cursor, count + u64 members
+// count + connections, ascending: u64 conn, count + u32 subscription slots
+//
+// The trie is rebuilt from the patterns: its node numbers are never seen.
+
+impl Signals {
+    pub(super) fn write_snapshot(&self, out: &mut Vec<u8>) {
+        put_len(out, self.subs.len() + self.vacant.len());
+        put_len(out, self.vacant.len());
+        for &v in &self.vacant {
+            put_u32(out, v);
+        }
+        // A pattern's subscriptions are listed where its lowest slot is.
+        let first_of_node = |s: usize, sub: &Subscription| {
+            let list = &self.nodes[sub.node as usize].subs;
+            list.iter().min() == Some(&(s as u32))
+        };
+        let patterns = self
+            .subs
+            .iter()
+            .filter(|&(s, sub)| first_of_node(s, sub))
+            .count();
+        put_len(out, patterns);
+        for (s, sub) in &self.subs {
+            if !first_of_node(s, sub) {
+                continue;
+            }
+            put_str(out, &sub.pattern);
+            let list = &self.nodes[sub.node as usize].subs;
+            put_len(out, list.len());
+            for &i in list {
+                let sub = &self.subs[i as usize];
+                put_u32(out, i);
+                put_str(out, &sub.group);
+                put_len(out, sub.next);
+                put_len(out, sub.members.len());
+                for &m in &sub.members {
+                    put_u64(out, m);
+                }
+            }
+        }
+        let mut conns: Vec<(&ConnId, &Vec<u32>)> = self.by_conn.iter().collect();
+        conns.sort_unstable_by_key(|(c, _)| **c);
+        put_len(out, conns.len());
+        for (&conn, list) in conns {
+            put_u64(out, conn);
+            put_len(out, list.len());
+            for &s in list {
+                put_u32(out, s);
+            }
+        }
+    }
+
+    pub(super) fn read_snapshot(r: &mut Reader<'_>) -> Result<Signals, SnapshotError> {
+        // Slot, empty group, cursor, one member.
+        const SUB_SIZE: usize = 4 + 4 + 4 + 4 + 8;
+        let slots = r.u32()? as usize;
+        let (vacant, is_vacant) = read_vacant(r, slots, SUB_SIZE)?;
+        let mut items: Vec<Option<Subscription>> = (0..slots).map(|_| None).collect();
+        let mut filled = 0;
+        // (subscription, member) pairs not yet found among the listeners.
+        let mut memberships = hashbrown::HashSet::new();
+        let mut sig = Signals::new();
+        let patterns = r.count(4 + 4)?;
+        for _ in 0..patterns {
+            let pattern = r.str()?;
+            if validate_pattern(pattern).is_err() {
+                return bad(format!("bad pattern {pattern:?}"));
+            }
+            let node = sig.node_for(pattern);
+            if !sig.nodes[node as usize].subs.is_empty() {
+                return bad(format!("pattern {pattern:?} twice"));
+            }
+            let n = r.count(SUB_SIZE)?;
+            if n == 0 {
+                return bad(format!("pattern {pattern:?} without subscriptions"));
+            }
+            for _ in 0..n {
+                let s = r.u32()?;
+                let group = r.str()?;
+                let next = r.u32()? as usize;
+                let m = r.count(8)?;
+                let mut members = Vec::with_capacity(m);
+                for _ in 0..m {
+                    let c = r.u64()?;
+                    if !memberships.insert((s, c)) {
+                        return bad(format!("{pattern:?}: conn {c} listed twice"));
+                    }
+                    members.push(c);
+                }
+                if members.is_empty() || next > members.len() {
+                    return bad(format!("{pattern:?}: no members or cursor out of range"));
+                }
+                let occupied = is_vacant.get(s as usize) == Some(&false);
+                match items.get_mut(s as usize) {
+                    Some(slot @ None) if occupied => {
+                        *slot = Some(Subscription {
+                            pattern: pattern.into(),
+                            group: group.into(),
+                            node,
+                            members,
+                            next,
+                        });
+                    }
+                    _ => return bad(format!("subscription slot {s} vacant or repeated")),
+                }
+                filled += 1;
+                if sig
+                    .by_name
+                    .insert((pattern.into(), group.into()), s)
+                    .is_some()
+                {
+                    return bad(format!("subscription ({pattern:?}, {group:?}) twice"));
+                }
+                sig.nodes[node as usize].subs.push(s);
+            }
+        }
+        if filled + vacant.len() != slots {
+            return bad("subscription slots left empty");
+        }
+        let n = r.count(8 + 4 + 4)?;
+        let mut last = None;
+        for _ in 0..n {
+            let conn = r.u64()?;
+            if last.is_some_and(|l| l >= conn) {
+                return bad("listeners out of order");
+            }
+            last = Some(conn);
+            let m = r.count(4)?;
+            if m == 0 {
+                return bad(format!("conn {conn}: an empty subscription list"));
+            }
+            let mut list = Vec::with_capacity(m);
+            for _ in 0..m {
+                let s = r.u32()?;
+                if !memberships.remove(&(s, conn)) {
+                    return bad(format!("conn {conn}: subscription {s} is not its own"));
+                }
+                list.push(s);
+            }
+            sig.by_conn.insert(conn, list);
+        }
+        if !memberships.is_empty() {
+            return bad("a subscription member is not listening");
+        }
+        sig.subs = build_slab(items, &vacant, || Subscription {
+            pattern: "".into(),
+            group: "".into(),
+            node: ROOT,
+            members: Vec::new(),
+            next: 0,
+        });
+        sig.vacant = vacant;
+        Ok(sig)
     }
 }
 

@@ -40,7 +40,8 @@ impl Entropy for SeededEntropy {
     }
 }
 
-const BATCH: usize = 256;
+/// Tokens' random halves drawn from the entropy source at a time.
+pub(super) const BATCH: usize = 256;
 
 pub struct TokenSource {
     fence: u64,
@@ -57,6 +58,38 @@ impl TokenSource {
             pos: BATCH,
             entropy,
         }
+    }
+
+    /// What a snapshot records: the fence counter, the position in the pool
+    /// (in tokens) and the pool's bytes not used yet.
+    pub(super) fn parts(&self) -> (u64, usize, &[u8]) {
+        (self.fence, self.pos, &self.pool[self.pos * 8..])
+    }
+
+    /// The source recorded by [`parts`](Self::parts), drawing from `entropy`
+    /// once its pool is used up. `None` if `unused` does not fit `pos`.
+    pub(super) fn from_parts(
+        fence: u64,
+        pos: usize,
+        unused: &[u8],
+        entropy: Box<dyn Entropy>,
+    ) -> Option<Self> {
+        if pos > BATCH || unused.len() != (BATCH - pos) * 8 {
+            return None;
+        }
+        let mut pool = [0; BATCH * 8];
+        pool[pos * 8..].copy_from_slice(unused);
+        Some(TokenSource {
+            fence,
+            pool,
+            pos,
+            entropy,
+        })
+    }
+
+    /// The fence of the last token issued.
+    pub(super) fn fence(&self) -> u64 {
+        self.fence
     }
 
     /// The next token; its fence is larger than every earlier token's.

@@ -138,11 +138,14 @@ impl Cluster {
             recovered.entries.len(),
             if recovered.fresh { ", new" } else { "" }
         );
+        node.set_snapshot_every(settings.snapshot_entries);
         node.reincarnate(0);
         if settings.peers.is_empty() {
             node.campaign();
         }
-        let core = Core::new(core_cfg.clone(), 0, Box::new(node.entropy()));
+        let core = node
+            .make_core(core_cfg.clone())
+            .map_err(|e| format!("--data-dir {}: {e}", settings.data_dir.display()))?;
         let links = match settings.own_addr() {
             Some(addr) => {
                 let peers: Vec<(u64, SocketAddr)> =
@@ -243,7 +246,7 @@ impl Server {
         use std::io::Write;
         let _ = write!(
             json,
-            ",\"cluster\":{{\"node_id\":{},\"leader_id\":{},\"term\":{},\"role\":\"{}\",\"voters\":{},\"peers_connected\":{},\"commit_index\":{},\"applied_index\":{},\"leader_changes\":{},\"proposals\":{},\"fsyncs\":{},\"log_bytes\":{}}}}}",
+            ",\"cluster\":{{\"node_id\":{},\"leader_id\":{},\"term\":{},\"role\":\"{}\",\"voters\":{},\"peers_connected\":{},\"commit_index\":{},\"applied_index\":{},\"leader_changes\":{},\"proposals\":{},\"fsyncs\":{},\"log_bytes\":{},\"snapshot_index\":{}}}}}",
             cl.node.id(),
             cl.node.leader(),
             cl.node.term(),
@@ -260,6 +263,7 @@ impl Server {
             st.proposals,
             st.fsyncs,
             st.log_bytes,
+            st.snapshot_index,
         );
     }
 
@@ -416,9 +420,10 @@ impl Server {
             .conns
             .iter()
             .filter(|(_, c)| {
-                c.opened_ms <= contact || (c.blocked && c.last_request_ms + margin <= now)
+                let waiting = c.blocked || c.consumed < c.input.len();
+                c.opened_ms <= contact || (waiting && c.last_request_ms + margin <= now)
             })
-            .map(|(i, c)| (i, c.blocked))
+            .map(|(i, c)| (i, c.blocked || c.consumed < c.input.len()))
             .collect();
         for (idx, blocked) in doomed {
             if blocked {
@@ -473,6 +478,7 @@ impl Server {
         }
         let events = std::mem::take(&mut cl.node.events);
         let mut stale = false;
+        let mut restored = false;
         for ev in &events {
             match *ev {
                 Event::Stale { incarnation } => {
@@ -488,6 +494,7 @@ impl Server {
                     "node {node} (incarnation {incarnation}) declared lost: its {connections} client connections were closed by the cluster"
                 ),
                 Event::Applied { .. } => {}
+                Event::Restored => restored = true,
             }
         }
         // Messages for peers.
@@ -510,6 +517,19 @@ impl Server {
                 .map(|(i, _)| i)
                 .collect();
             self.ready.extend(waiting);
+        }
+        if restored {
+            // Requests in flight may have been applied inside the snapshot,
+            // their replies never made here: their clients must not wait.
+            let blocked: Vec<usize> = self
+                .conns
+                .iter()
+                .filter(|(_, c)| c.blocked)
+                .map(|(i, _)| i)
+                .collect();
+            for idx in blocked {
+                self.close(idx, "state replaced by a snapshot while waiting");
+            }
         }
         if stale {
             self.restart_incarnation();

@@ -711,11 +711,6 @@ impl Server {
     /// Applies every complete request in the connection's input, until it
     /// blocks, its output backs up, or the input runs out.
     fn process_input(&mut self, idx: usize) {
-        if self.cluster.as_ref().is_some_and(|cl| !cl.node.joined()) {
-            // A cluster node serves requests once it has rejoined (see
-            // `Node::joined`); the input waits until then.
-            return;
-        }
         loop {
             let now = self.now;
             let c = &mut self.conns[idx];
@@ -751,6 +746,16 @@ impl Server {
                 _ if !c.authed => {
                     self.fail(idx);
                     return;
+                }
+                (Ok(req), _)
+                    if cluster::replicated(req)
+                        && self.cluster.as_ref().is_some_and(|cl| !cl.node.joined()) =>
+                {
+                    // A cluster node takes state changes once it has
+                    // rejoined (see `Node::joined`): this request waits.
+                    c.consumed = start;
+                    c.decoder = crate::protocol::FrameDecoder::new();
+                    break;
                 }
                 (Ok(req), _) if self.cluster.is_some() => {
                     self.metrics.count_command(req);
