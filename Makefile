@@ -2,11 +2,15 @@
 CARGO ?= cargo
 PYTEST_ARGS ?=
 
-.PHONY: run build release doc test test-rust test-clients test-static test-sim test-fuzz static soak sim fuzz bench lint fmt clean
+.PHONY: run cluster build release doc test test-rust test-clients test-static test-sim test-fuzz static soak sim fuzz bench lint fmt clean
 
 ## Run the server on its defaults (127.0.0.1:6388).
 run:
 	$(CARGO) run --release --bin dflockd
+
+## Three local nodes of a replicated cluster (clients on ports 6391-6393).
+cluster:
+	bash scripts/cluster.sh
 
 ## The server and the dflock command (target/debug/).
 build:
@@ -35,19 +39,24 @@ static:
 test-static: static
 	bash tests/static/empty_root.sh
 
-## The deterministic simulation, 1,000,000 steps per scenario in release mode.
+## The deterministic simulations in release mode: the single-node one,
+## 1,000,000 steps per scenario, then the cluster one, 1,000,000 simulated ms
+## per scenario.
 test-sim:
 	bash scripts/sim.sh
+	bash scripts/cluster_sim.sh
 
 ## Each fuzz target for 15 s (prints SKIP without a nightly toolchain).
 test-fuzz:
 	bash scripts/fuzz.sh 15
 
-## A long simulation: make sim SIM_SEED=42 SIM_STEPS=20000000
+## A long simulation: make sim SIM_SEED=42 SIM_STEPS=20000000 CLUSTER_SIM_STEPS=5000000
 SIM_SEED ?= random
 SIM_STEPS ?= 10000000
+CLUSTER_SIM_STEPS ?= 3000000
 sim:
 	bash scripts/sim.sh $(SIM_SEED) $(SIM_STEPS)
+	bash scripts/cluster_sim.sh $(SIM_SEED) $(CLUSTER_SIM_STEPS)
 
 ## Each fuzz target for FUZZ_SECS (default 300) seconds.
 FUZZ_SECS ?= 300
