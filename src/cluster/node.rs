@@ -53,7 +53,7 @@ impl NodeConfig {
 /// What a node sends to another.
 #[derive(Debug)]
 pub enum Outgoing {
-    Raft(Message),
+    Raft(Box<Message>),
     /// Encoded commands for the leader.
     Forward(Vec<u8>),
 }
@@ -191,11 +191,11 @@ impl Node {
             .collect();
         store.append(&entries);
         let hs = recovered.hard_state;
-        let mut h = HardState::default();
-        h.term = hs.term;
-        h.vote = hs.vote;
-        h.commit = hs.commit.min(store.last());
-        store.set_hard_state(h);
+        store.set_hard_state(HardState {
+            term: hs.term,
+            vote: hs.vote,
+            commit: hs.commit.min(store.last()),
+        });
         let mut rc = raft::Config {
             id: cfg.id,
             election_tick: cfg.election_ticks(),
@@ -940,7 +940,7 @@ impl Node {
 
     fn send(&mut self, msgs: Vec<Message>) {
         for m in msgs {
-            self.out.push((m.to, Outgoing::Raft(m)));
+            self.out.push((m.to, Outgoing::Raft(Box::new(m))));
         }
     }
 

@@ -22,8 +22,10 @@ pub struct Store {
 
 impl Store {
     pub fn new(voters: &[u64]) -> Store {
-        let mut s = Store::default();
-        s.cs = ConfState::from((voters.to_vec(), Vec::<u64>::new()));
+        let mut s = Store {
+            cs: ConfState::from((voters.to_vec(), Vec::<u64>::new())),
+            ..Default::default()
+        };
         s.snap.mut_metadata().set_conf_state(s.cs.clone());
         s
     }
@@ -190,10 +192,11 @@ mod tests {
     use super::*;
 
     fn e(index: u64, term: u64) -> Entry {
-        let mut e = Entry::default();
-        e.index = index;
-        e.term = term;
-        e
+        Entry {
+            index,
+            term,
+            ..Default::default()
+        }
     }
 
     #[test]

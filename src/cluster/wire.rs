@@ -216,10 +216,12 @@ mod tests {
                 proof: b"secret",
             },
         );
-        let mut m = raft::prelude::Message::default();
-        m.from = 2;
-        m.to = 1;
-        m.term = 9;
+        let m = raft::prelude::Message {
+            from: 2,
+            to: 1,
+            term: 9,
+            ..Default::default()
+        };
         encode_raft(&mut buf, &m);
         encode_forward(&mut buf, b"xyz");
         encode_deliver(&mut buf, 42, b"sig a b\n");
@@ -227,12 +229,9 @@ mod tests {
         let mut at = 0;
         while at < buf.len() {
             // Every prefix of the next frame is "not yet".
-            let (f, n) = loop {
-                match decode(&buf[at..], MAX_FRAME).unwrap() {
-                    Some(x) => break x,
-                    None => unreachable!(),
-                }
-            };
+            let (f, n) = decode(&buf[at..], MAX_FRAME)
+                .unwrap()
+                .expect("a whole frame");
             for cut in 0..n {
                 assert_eq!(decode(&buf[at..at + cut], MAX_FRAME), Ok(None));
             }
