@@ -438,3 +438,106 @@ fn a_durable_node_killed_again_and_again_under_load_loses_nothing_acknowledged()
         s.child.wait().unwrap();
     }
 }
+
+/// A durable one-node cluster whose data dir is on a small tmpfs of its own
+/// (in a private mount namespace); `None` where namespaces are not allowed.
+fn on_small_tmpfs(name: &str, size: &str) -> Option<(Server, TempDir)> {
+    let probe = Command::new("unshare").args(["-m", "true"]).status();
+    if !probe.is_ok_and(|s| s.success()) {
+        eprintln!("SKIP: no mount namespaces here (unshare -m failed)");
+        return None;
+    }
+    let dir = TempDir::new(name);
+    let m = dir.sub("mnt");
+    std::fs::create_dir_all(&m).unwrap();
+    let script = format!(
+        "mount -t tmpfs -o size={size} none {m} && exec {bin} --port 0 --data-dir {m}/d \
+         --snapshot-entries 1000000 --heartbeat-interval 50 --election-timeout 200",
+        bin = common::server_bin().display()
+    );
+    let mut cmd = Command::new("unshare");
+    cmd.args(["-m", "--propagation", "private", "sh", "-c", &script]);
+    Some((Server::from_command(cmd), dir))
+}
+
+/// Lock cycles until one is not acknowledged; returns (cycles acknowledged,
+/// what the unacknowledged one got: a line, or None for a close).
+fn cycle_until_refused(c: &mut Client) -> (u64, Option<String>) {
+    for i in 0u64.. {
+        c.send_cmd("l", "k", "0");
+        match c.line_within(Duration::from_secs(10)).unwrap() {
+            Some(r) if r.starts_with("ok ") => {
+                let t = token_of(&r);
+                c.send_cmd("r", "k", &t);
+                match c.line_within(Duration::from_secs(10)).unwrap() {
+                    Some(r) if r == "ok" => {}
+                    other => return (i, other),
+                }
+            }
+            other => return (i, other),
+        }
+        assert!(i < 200_000, "the disk never filled");
+    }
+    unreachable!()
+}
+
+#[test]
+fn a_full_data_disk_stops_the_node_acknowledging_with_a_clear_error() {
+    let Some((mut s, _dir)) = on_small_tmpfs("full", "192k") else {
+        return;
+    };
+    let mut c = s.connect();
+    let (acked, last) = cycle_until_refused(&mut c);
+    assert!(acked > 100, "only {acked} cycles before the disk filled");
+    // The refused request is answered error_unavailable (or its connection
+    // closed) once the node has gone 3 election timeouts without
+    // acknowledging, never `ok`.
+    assert!(
+        last.is_none() || last.as_deref() == Some("error_unavailable"),
+        "{last:?}"
+    );
+    // A new connection is refused too; the process stays up.
+    let mut d = s.connect();
+    d.send_cmd("l", "other", "0");
+    let r = d.line_within(Duration::from_secs(10)).unwrap();
+    assert!(
+        r.is_none() || r.as_deref() == Some("error_unavailable"),
+        "{r:?}"
+    );
+    assert!(s.is_running());
+    let log = s.drain_log().join("\n");
+    assert!(
+        log.contains("stops acknowledging") && log.contains("No space left on device"),
+        "{log}"
+    );
+}
+
+#[test]
+fn a_read_only_data_dir_is_a_clear_startup_error() {
+    if !Command::new("unshare")
+        .args(["-m", "true"])
+        .status()
+        .is_ok_and(|s| s.success())
+    {
+        eprintln!("SKIP: no mount namespaces here (unshare -m failed)");
+        return;
+    }
+    let dir = TempDir::new("ro");
+    let m = dir.sub("mnt");
+    std::fs::create_dir_all(&m).unwrap();
+    let script = format!(
+        "mount -t tmpfs -o ro,size=64k none {m} && exec {bin} --port 0 --data-dir {m}/d",
+        bin = common::server_bin().display()
+    );
+    let out = Command::new("unshare")
+        .args(["-m", "--propagation", "private", "sh", "-c", &script])
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("--data-dir") && err.contains("Read-only file system"),
+        "{err}"
+    );
+}
