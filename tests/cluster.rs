@@ -541,3 +541,68 @@ fn a_read_only_data_dir_is_a_clear_startup_error() {
         "{err}"
     );
 }
+
+#[test]
+fn every_command_works_through_a_follower_as_on_the_leader() {
+    let dir = TempDir::new("follower");
+    let ports = free_ports(3);
+    let nodes: Vec<Server> = (1..=3).map(|i| node(i, &ports, &dir, &[])).collect();
+    let mut probe = Client::connect(nodes[0].port);
+    let mut leader = 0;
+    wait_until("a leader", Duration::from_secs(15), || {
+        leader = field(&probe.cmd("stats", "_", "_"), "leader_id") as usize;
+        leader != 0
+    });
+    let follower = (1..=3).find(|&i| i != leader).unwrap() - 1;
+    let other = (1..=3).find(|&i| i != leader && i - 1 != follower).unwrap() - 1;
+    let mut a = Client::connect(nodes[follower].port);
+    let mut b = Client::connect(nodes[other].port);
+    let mut l = Client::connect(nodes[leader - 1].port);
+    assert_eq!(a.cmd("ping", "_", "_"), "ok");
+    // Locks: blocking acquire granted by a release on another node.
+    let t = l.lock("k", "0");
+    a.send_cmd("l", "k", "10");
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(l.cmd("r", "k", &t), "ok");
+    let ta = token_of(&a.line());
+    assert_eq!(a.cmd("n", "k", &format!("{ta} 7")), "ok 7");
+    assert_eq!(a.cmd("r", "k", &ta), "ok");
+    // Semaphores.
+    let s1 = token_of(&a.cmd("sl", "s", "0 2"));
+    let _s2 = token_of(&b.cmd("sl", "s", "0 2"));
+    assert_eq!(l.cmd("sl", "s", "0 2"), "timeout");
+    assert_eq!(l.cmd("sl", "s", "0 3"), "error_limit_mismatch");
+    assert_eq!(a.cmd("sr", "s", &s1), "ok");
+    // Two-phase: enqueue on a follower, wait, granted when the holder leaves.
+    let h = l.lock("tp", "0");
+    assert_eq!(a.cmd("e", "tp", ""), "queued");
+    a.send_cmd("w", "tp", "10");
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(l.cmd("r", "tp", &h), "ok");
+    assert!(a.line().starts_with("ok "));
+    assert_eq!(b.cmd("w", "nothing", "1"), "error_not_enqueued");
+    // Signals: listeners on two followers and the leader, a queue group
+    // across nodes, published from a follower.
+    assert_eq!(a.cmd("listen", "ev.*", ""), "ok");
+    assert_eq!(l.cmd("listen", "ev.*", "g"), "ok");
+    assert_eq!(b.cmd("listen", "ev.*", "g"), "ok");
+    let mut p = Client::connect(nodes[other].port);
+    assert_eq!(p.cmd("signal", "ev.x", "hello"), "ok 2");
+    assert_eq!(a.line(), "sig ev.x hello");
+    let l_got = l.line_within(Duration::from_millis(300)).ok().flatten();
+    let b_got = b.line_within(Duration::from_millis(300)).ok().flatten();
+    assert_eq!(
+        l_got.iter().chain(b_got.iter()).count(),
+        1,
+        "one member of the group: {l_got:?} {b_got:?}"
+    );
+    assert_eq!(a.cmd("unlisten", "ev.*", ""), "ok");
+    assert_eq!(p.cmd("signal", "ev.y", "again"), "ok 1");
+    // Every node shows the same state.
+    std::thread::sleep(Duration::from_millis(200));
+    let views: Vec<String> = nodes
+        .iter()
+        .map(|n| locks_of(&Client::connect(n.port).cmd("stats", "_", "_")))
+        .collect();
+    assert!(views.iter().all(|v| v == &views[0]), "{views:?}");
+}
