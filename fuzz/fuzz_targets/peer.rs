@@ -38,6 +38,7 @@ fuzz_target!(|data: &[u8]| {
                         }
                     }
                     Frame::Deliver { line, .. } => assert!(line.len() < n),
+                    Frame::Ping => assert_eq!(n, 5),
                 }
                 at += n;
             }

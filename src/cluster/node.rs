@@ -514,7 +514,12 @@ impl Node {
         self.last_heard.insert(from, mono);
         match Commands::validate(cmds) {
             Ok(n) => {
-                if self.role == StateRole::Leader && self.failed.is_none() {
+                // Raft's own state: this node may have become leader in
+                // this turn, before `drive` has noticed.
+                if self.raw.raft.state == StateRole::Leader && self.failed.is_none() {
+                    if self.role != StateRole::Leader {
+                        self.observe_leadership(mono);
+                    }
                     self.batch.extend_from_slice(cmds);
                     self.batch_cmds += n;
                     self.stats.forwarded_commands += n as u64;
@@ -775,11 +780,19 @@ impl Node {
             self.raw.mut_store().append(rd.entries());
         }
         if let Some(hs) = rd.hs() {
-            self.wal.set_hard_state(&wal::HardState {
-                term: hs.term,
-                vote: hs.vote,
-                commit: hs.commit,
-            });
+            // Term and vote must be durable before anything is sent; the
+            // commit index need not be (Raft learns it again), so a change
+            // of it alone costs no fsync: it is recorded with the next
+            // entries or vote.
+            let prev = self.raw.store().hard_state();
+            let must = hs.term != prev.term || hs.vote != prev.vote;
+            if must || !rd.entries().is_empty() {
+                self.wal.set_hard_state(&wal::HardState {
+                    term: hs.term,
+                    vote: hs.vote,
+                    commit: hs.commit,
+                });
+            }
             self.raw.mut_store().set_hard_state(hs.clone());
         }
         self.sync()?;

@@ -6,6 +6,8 @@
 //!   1 raft     a raft-rs message (protobuf)
 //!   2 forward  commands for the leader (see `command`)
 //!   3 deliver  conn u64 | a pushed `sig` line for that connection
+//!   4 ping     (empty): sent on an idle link every heartbeat interval, so
+//!              that a link whose packets stopped getting through is noticed
 //! ```
 //!
 //! Each node dials every other node and only sends on the connection it
@@ -24,6 +26,7 @@ const KIND_HELLO: u8 = 0;
 const KIND_RAFT: u8 = 1;
 const KIND_FORWARD: u8 = 2;
 const KIND_DELIVER: u8 = 3;
+const KIND_PING: u8 = 4;
 
 /// One decoded frame, borrowing from the input.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -44,6 +47,7 @@ pub enum Frame<'a> {
         conn: u64,
         line: &'a [u8],
     },
+    Ping,
 }
 
 /// Why a peer's bytes cannot be framed: the connection is closed.
@@ -99,6 +103,8 @@ pub fn decode(buf: &[u8], max: usize) -> Result<Option<(Frame<'_>, usize)>, Wire
                 line: &body[8..],
             }
         }
+        KIND_PING if body.is_empty() => Frame::Ping,
+        KIND_PING => return Err(WireError::Truncated),
         k => return Err(WireError::UnknownKind(k)),
     };
     Ok(Some((frame, 4 + len)))
@@ -193,6 +199,12 @@ pub fn encode_deliver(out: &mut Vec<u8>, conn: u64, line: &[u8]) {
     finish(out, at);
 }
 
+/// Appends a keepalive.
+pub fn encode_ping(out: &mut Vec<u8>) {
+    let at = begin(out, KIND_PING);
+    finish(out, at);
+}
+
 /// Decodes a raft message body.
 pub fn decode_raft(body: &[u8]) -> Option<raft::prelude::Message> {
     use prost::Message as _;
@@ -225,6 +237,7 @@ mod tests {
         encode_raft(&mut buf, &m);
         encode_forward(&mut buf, b"xyz");
         encode_deliver(&mut buf, 42, b"sig a b\n");
+        encode_ping(&mut buf);
         let mut frames = Vec::new();
         let mut at = 0;
         while at < buf.len() {
@@ -261,6 +274,7 @@ mod tests {
                 line: b"sig a b\n"
             }
         );
+        assert_eq!(frames[4], Frame::Ping);
     }
 
     #[test]

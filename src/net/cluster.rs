@@ -153,6 +153,7 @@ impl Cluster {
                 Some(
                     Links::bind(
                         addr,
+                        settings.election_timeout_ms,
                         settings.node_id,
                         settings.cluster_id(),
                         &peers,
@@ -307,30 +308,36 @@ impl Server {
         } else {
             let node = &mut cl.node;
             let deliveries = &mut cl.deliveries;
-            links.read_inbound(registry, token - PEER_IN_BASE, |from, frame| match frame {
-                Frame::Raft(body) => match wire::decode_raft(body) {
-                    Some(msg) if msg.from == from => {
-                        node.step(now, msg);
+            links.read_inbound(
+                registry,
+                now,
+                token - PEER_IN_BASE,
+                |from, frame| match frame {
+                    Frame::Raft(body) => match wire::decode_raft(body) {
+                        Some(msg) if msg.from == from => {
+                            node.step(now, msg);
+                            true
+                        }
+                        _ => false,
+                    },
+                    Frame::Forward(cmds) => node.on_forward(now, from, cmds),
+                    Frame::Deliver { conn, line } => {
+                        if node_of(conn) == node.id() && line.len() <= wire::MAX_FRAME {
+                            deliveries.push((conn, line.to_vec()));
+                        }
                         true
                     }
-                    _ => false,
-                },
-                Frame::Forward(cmds) => node.on_forward(now, from, cmds),
-                Frame::Deliver { conn, line } => {
-                    if node_of(conn) == node.id() && line.len() <= wire::MAX_FRAME {
-                        deliveries.push((conn, line.to_vec()));
+                    Frame::Ping => true,
+                    Frame::Hello {
+                        node: peer,
+                        has_state,
+                        ..
+                    } => {
+                        node.peer_hello(peer, has_state);
+                        true
                     }
-                    true
-                }
-                Frame::Hello {
-                    node: peer,
-                    has_state,
-                    ..
-                } => {
-                    node.peer_hello(peer, has_state);
-                    true
-                }
-            });
+                },
+            );
         }
         self.deliver_signals();
     }
@@ -383,7 +390,7 @@ impl Server {
         if let Some(links) = cl.links.as_mut() {
             let registry = self.poll.registry();
             links.connect_due(registry, now, |i| Token(PEER_OUT_BASE + i));
-            links.expire_hellos(registry, now);
+            links.keepalive(registry, now);
         }
         let every = cl.settings.heartbeat_interval_ms;
         self.timers.insert(now + every, NetTimer::RaftTick);

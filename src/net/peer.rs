@@ -102,6 +102,8 @@ pub struct Inbound {
     /// The member that said hello.
     node: Option<u64>,
     opened_ms: u64,
+    /// When a frame last arrived.
+    heard_ms: u64,
 }
 
 pub struct Outbound {
@@ -130,11 +132,17 @@ pub struct Links {
     auth: Option<AuthToken>,
     tls: Option<PeerTls>,
     scratch: Vec<u8>,
+    /// A link silent (inbound) or unacknowledged (outbound) this long is
+    /// dropped and redialled: a partition leaves TCP connections open, with
+    /// their retransmissions backing off for up to two minutes.
+    dead_after_ms: u64,
 }
 
 impl Links {
+    #[allow(clippy::too_many_arguments)]
     pub fn bind(
         addr: SocketAddr,
+        election_timeout_ms: u64,
         self_id: u64,
         cluster_id: u64,
         peers: &[(u64, SocketAddr)],
@@ -186,6 +194,7 @@ impl Links {
             auth,
             tls,
             scratch: vec![0; 64 * 1024],
+            dead_after_ms: (2 * election_timeout_ms).max(1_000),
         })
     }
 
@@ -249,6 +258,7 @@ impl Links {
                 input: Vec::new(),
                 node: None,
                 opened_ms: now,
+                heard_ms: now,
             });
         }
     }
@@ -260,6 +270,7 @@ impl Links {
     pub fn read_inbound(
         &mut self,
         registry: &Registry,
+        now: u64,
         idx: usize,
         mut on_frame: impl FnMut(u64, Frame<'_>) -> bool,
     ) {
@@ -287,6 +298,9 @@ impl Links {
             }
         }
         let mut at = 0;
+        if !link.input.is_empty() {
+            link.heard_ms = now;
+        }
         while close.is_none() {
             let max = if link.node.is_some() {
                 wire::MAX_FRAME
@@ -351,7 +365,7 @@ impl Links {
         } else if link.input.len() >= 1 << 20 {
             // More to read: the poller will not signal again for data
             // already waiting, so go on now.
-            self.read_inbound(registry, idx, on_frame);
+            self.read_inbound(registry, now, idx, on_frame);
         }
     }
 
@@ -366,16 +380,31 @@ impl Links {
         }
     }
 
-    /// Closes inbound links that said no hello in time.
-    pub fn expire_hellos(&mut self, registry: &Registry, now: u64) {
-        let late: Vec<usize> = self
+    /// Every heartbeat interval: a ping on every idle outbound link, and
+    /// inbound links that said no hello in time, or nothing for too long,
+    /// are closed (the peer redials).
+    pub fn keepalive(&mut self, registry: &Registry, now: u64) {
+        for link in &mut self.outbound {
+            if link.connected && link.written == link.output.len() {
+                wire::encode_ping(&mut link.output);
+            }
+        }
+        let dead_after = self.dead_after_ms;
+        let late: Vec<(usize, &'static str)> = self
             .inbound
             .iter()
-            .filter(|(_, l)| l.node.is_none() && now >= l.opened_ms + HELLO_TIMEOUT_MS)
-            .map(|(i, _)| i)
+            .filter_map(|(i, l)| {
+                if l.node.is_none() && now >= l.opened_ms + HELLO_TIMEOUT_MS {
+                    Some((i, "no hello in time"))
+                } else if l.node.is_some() && now >= l.heard_ms + dead_after {
+                    Some((i, "silent too long"))
+                } else {
+                    None
+                }
+            })
             .collect();
-        for idx in late {
-            self.close_inbound(registry, idx, "no hello in time");
+        for (idx, why) in late {
+            self.close_inbound(registry, idx, why);
         }
     }
 
@@ -426,6 +455,7 @@ impl Links {
                         continue;
                     }
                     let _ = s.set_nodelay(true);
+                    set_user_timeout(&s, self.dead_after_ms);
                     link.stream = Some(PeerIo { tcp: s, tls });
                     link.connected = false;
                     link.retry_at = None;
@@ -551,5 +581,25 @@ impl Links {
     /// Members with a working outbound link, for `stats`.
     pub fn connected(&self) -> usize {
         self.outbound.iter().filter(|l| l.connected).count()
+    }
+}
+
+/// TCP_USER_TIMEOUT: the kernel fails the connection when sent data stays
+/// unacknowledged this long (the pings keep data in flight), instead of
+/// retransmitting with backoff for minutes.
+fn set_user_timeout(s: &TcpStream, ms: u64) {
+    use std::os::fd::AsRawFd;
+    const TCP_USER_TIMEOUT: libc::c_int = 18;
+    let v: libc::c_uint = ms.min(u32::MAX as u64) as libc::c_uint;
+    // SAFETY: setsockopt on a socket we own, with a pointer to a live
+    // c_uint and its size.
+    unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            TCP_USER_TIMEOUT,
+            (&v as *const libc::c_uint).cast(),
+            std::mem::size_of::<libc::c_uint>() as libc::socklen_t,
+        );
     }
 }
