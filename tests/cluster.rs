@@ -606,3 +606,57 @@ fn every_command_works_through_a_follower_as_on_the_leader() {
         .collect();
     assert!(views.iter().all(|v| v == &views[0]), "{views:?}");
 }
+
+fn http_get(port: u16, path: &str) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+#[test]
+fn ready_waits_for_a_leader_and_metrics_carry_the_raft_figures() {
+    let dir = TempDir::new("ready");
+    let ports = free_ports(4);
+    let (peer_ports, metrics) = (&ports[..3], ports[3]);
+    let m = format!("127.0.0.1:{metrics}");
+    let first = node(1, peer_ports, &dir, &["--metrics-addr", &m]);
+    // Alone, node 1 has no leader: not ready.
+    std::thread::sleep(Duration::from_millis(700));
+    let r = http_get(metrics, "/ready");
+    assert!(
+        r.starts_with("HTTP/1.1 503") && r.contains("no leader"),
+        "{r}"
+    );
+    let others: Vec<Server> = (2..=3).map(|i| node(i, peer_ports, &dir, &[])).collect();
+    wait_until("node 1 ready", Duration::from_secs(15), || {
+        http_get(metrics, "/ready").starts_with("HTTP/1.1 200")
+    });
+    let mut c = Client::connect(first.port);
+    let t = c.lock("k", "0");
+    assert_eq!(c.cmd("r", "k", &t), "ok");
+    let text = http_get(metrics, "/metrics");
+    for needle in [
+        "dflockd_cluster_node_id 1\n",
+        "dflockd_cluster_term ",
+        "dflockd_cluster_leader_id ",
+        "dflockd_cluster_leader_changes_total ",
+        "dflockd_cluster_fsyncs_total ",
+        "dflockd_cluster_commit_latency_micros_sum ",
+        "dflockd_cluster_log_bytes ",
+        "dflockd_cluster_snapshot_index ",
+    ] {
+        assert!(text.contains(needle), "no {needle:?} in\n{text}");
+    }
+    let commits: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("dflockd_cluster_commits_total "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(commits >= 2, "this node's lock and release were committed");
+    drop(others);
+}
