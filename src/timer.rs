@@ -18,8 +18,9 @@
 //! its batch in (deadline, sequence) order. Where an entry sits in the wheel
 //! depends only on the wheel's time and the entry's deadline, so a wheel
 //! rebuilt from (time, deadlines, sequence numbers) — see
-//! [`TimerWheel::resume`] and [`TimerWheel::rearm`] — fires exactly the same
-//! timers at the same moments, in the same order, as the original.
+//! [`TimerWheel::resume`], [`TimerWheel::rearm`] and
+//! [`TimerWheel::order_rearmed`] — fires exactly the same timers at the same
+//! moments, in the same order, as the original.
 
 use slab::Slab;
 
@@ -61,8 +62,6 @@ pub struct TimerWheel<T> {
     /// The wheel's current time: every entry's deadline is `>= elapsed`.
     elapsed: u64,
     next_seq: u64,
-    /// Scratch for `expire`: the entries due, to be sorted.
-    due: Vec<u32>,
 }
 
 impl<T> Default for TimerWheel<T> {
@@ -80,7 +79,6 @@ impl<T> TimerWheel<T> {
             occupied: [0; LEVELS],
             elapsed: 0,
             next_seq: 0,
-            due: Vec::new(),
         }
     }
 
@@ -94,6 +92,20 @@ impl<T> TimerWheel<T> {
             elapsed,
             next_seq,
             ..Self::new()
+        }
+    }
+
+    /// After timers were put back with [`rearm`](Self::rearm) in any order,
+    /// links them as if they had been armed in the order of their sequence
+    /// numbers. Handles stay valid.
+    pub fn order_rearmed(&mut self) {
+        let mut all: Vec<u32> = self.entries.iter().map(|(i, _)| i as u32).collect();
+        all.sort_unstable_by_key(|&i| self.entries[i as usize].seq);
+        self.heads = [[NIL; SLOTS]; LEVELS];
+        self.tails = [[NIL; SLOTS]; LEVELS];
+        self.occupied = [0; LEVELS];
+        for i in all {
+            self.link(i);
         }
     }
 
@@ -120,7 +132,9 @@ impl<T> TimerWheel<T> {
     /// deadline and sequence number unchanged. `None` (and nothing armed) if
     /// the deadline is outside `elapsed ..= elapsed + MAX_SPAN` or the
     /// sequence number is not below [`next_seq`](Self::next_seq); the caller
-    /// checks that sequence numbers are distinct.
+    /// checks that sequence numbers are distinct, and calls
+    /// [`order_rearmed`](Self::order_rearmed) once all are back (until then,
+    /// timers with equal deadlines may fire in the order they were put back).
     pub fn rearm(&mut self, deadline: u64, seq: u64, payload: T) -> Option<TimerHandle> {
         let in_span = deadline >= self.elapsed && deadline - self.elapsed <= MAX_SPAN;
         if !in_span || seq >= self.next_seq {
@@ -196,12 +210,13 @@ impl<T> TimerWheel<T> {
     /// Advances the wheel to `now` and appends the payload of every timer whose
     /// deadline is `<= now` to `fired`, in (deadline, arming sequence) order.
     pub fn expire(&mut self, now: u64, fired: &mut Vec<T>) {
-        let mut due = std::mem::take(&mut self.due);
-        // Slots come in time order, but within one millisecond the list order
-        // depends on history (entries cascaded from a coarser slot come before
-        // those armed straight into the fine one). Arming order does not: the
-        // batch is sorted on it, when it is not already (the common case).
-        let (mut last, mut sorted) = ((0, 0), true);
+        // Deadline order holds because slots are taken in time order. Arming
+        // order among equal deadlines holds because every slot's list is in
+        // arming order: one deadline maps to one slot per level, entries
+        // cascade in list order, and a coarse slot is cascaded before anything
+        // can be armed straight into the finer slots it covers (a resumed
+        // wheel is linked in that order by `order_rearmed`). So no sort.
+        let mut last = (0, 0);
         while let Some((level, slot, deadline)) = self.next_expiration() {
             if deadline > now {
                 break;
@@ -219,9 +234,9 @@ impl<T> TimerWheel<T> {
                 entry.next = NIL;
                 if entry.deadline <= self.elapsed {
                     let key = (entry.deadline, entry.seq);
-                    sorted &= last <= key;
+                    debug_assert!(last <= key, "fired out of (deadline, arming) order");
                     last = key;
-                    due.push(index);
+                    fired.push(self.entries.remove(index as usize).payload);
                 } else {
                     // Cascade to a finer level now that time has moved on.
                     self.link(index);
@@ -231,18 +246,6 @@ impl<T> TimerWheel<T> {
         if now > self.elapsed {
             self.elapsed = now;
         }
-        if !sorted {
-            let entries = &self.entries;
-            due.sort_unstable_by_key(|&i| {
-                let e = &entries[i as usize];
-                (e.deadline, e.seq)
-            });
-        }
-        for &i in &due {
-            fired.push(self.entries.remove(i as usize).payload);
-        }
-        due.clear();
-        self.due = due;
     }
 
     fn level_for(&self, deadline: u64) -> usize {
@@ -433,6 +436,7 @@ mod tests {
         let mut r = TimerWheel::resume(w.elapsed(), w.next_seq());
         r.rearm(4_100, 1, 2).unwrap();
         r.rearm(4_100, 0, 1).unwrap();
+        r.order_rearmed();
         assert_eq!(drain(&mut w, 4_100), vec![1, 2]);
         assert_eq!(drain(&mut r, 4_100), vec![1, 2]);
     }
@@ -472,6 +476,7 @@ mod tests {
             let mut b: Option<(TimerWheel<u64>, Vec<TimerHandle>)> = None;
             let mut now = 0u64;
             let mut id = 0u64;
+            let mut deadlines = std::collections::HashMap::new();
             let resume_at = rnd() % 300;
             for step in 0..300u64 {
                 if step == resume_at {
@@ -484,6 +489,7 @@ mod tests {
                         let (d, s) = a.scheduled(live[i].1).unwrap();
                         handles[i] = w.rearm(d, s, live[i].0);
                     }
+                    w.order_rearmed();
                     b = Some((w, handles.into_iter().map(Option::unwrap).collect()));
                 }
                 match rnd() % 8 {
@@ -497,7 +503,9 @@ mod tests {
                             _ => 0,
                         };
                         id += 1;
-                        live.push((id, a.insert(now + span, id)));
+                        let h = a.insert(now + span, id);
+                        deadlines.insert(id, a.scheduled(h).unwrap().0);
+                        live.push((id, h));
                         if let Some((w, hs)) = &mut b {
                             hs.push(w.insert(now + span, id));
                         }
@@ -518,6 +526,11 @@ mod tests {
                             _ => a.next_deadline().map_or(0, |d| d.saturating_sub(now)),
                         };
                         let fired = drain(&mut a, now);
+                        // Ids follow arming order.
+                        let keys: Vec<(u64, u64)> =
+                            fired.iter().map(|i| (deadlines[i], *i)).collect();
+                        assert!(keys.is_sorted(), "round {round} step {step}: {keys:?}");
+                        assert!(keys.iter().all(|&(d, _)| d <= now));
                         if let Some((w, hs)) = &mut b {
                             assert_eq!(drain(w, now), fired, "round {round} step {step}");
                             let keep: Vec<bool> =

@@ -400,12 +400,12 @@ impl Pair {
         }
         // Follow grants and unblocked connections.
         let key = match &input {
-            Input::Request(_, req) => match req {
+            Input::Request(
+                _,
                 Request::Acquire { key, .. }
                 | Request::Enqueue { key, .. }
-                | Request::Wait { key, .. } => KEYS.iter().position(|(k, _)| k == key),
-                _ => None,
-            },
+                | Request::Wait { key, .. },
+            ) => KEYS.iter().position(|(k, _)| k == key),
             _ => None,
         };
         for &(conn, reply) in &self.oa.replies {

@@ -56,6 +56,7 @@ use super::{
     TwoPhase, Waiter,
 };
 use crate::protocol::Token;
+use crate::protocol::request::MAX_NUMBER;
 use crate::timer::{TimerHandle, TimerWheel};
 
 /// The format's version, the snapshot's first byte.
@@ -65,6 +66,10 @@ pub const VERSION: u8 = 1;
 /// enough from `u64::MAX` that no sum of a time and a configured interval
 /// overflows.
 const MAX_TIME: u64 = 1 << 62;
+
+/// Counters (grants, waiter ids, timer sequence numbers...) beyond this are
+/// refused: none gets near, and adding to one must not overflow.
+const MAX_COUNT: u64 = 1 << 62;
 
 /// Why [`Core::restore`] refused a snapshot.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -214,6 +219,14 @@ impl<'a> Reader<'a> {
             Some(need) if need <= self.buf.len() => Ok(()),
             _ => Err(SnapshotError::Truncated),
         }
+    }
+
+    fn count64(&mut self) -> Result<u64, SnapshotError> {
+        let n = self.u64()?;
+        if n > MAX_COUNT {
+            return bad(format!("count {n} out of range"));
+        }
+        Ok(n)
     }
 
     fn time(&mut self) -> Result<u64, SnapshotError> {
@@ -375,20 +388,22 @@ impl Core {
         bytes: &[u8],
         entropy: Box<dyn Entropy>,
     ) -> Result<Core, SnapshotError> {
+        // A lease comes from a request or from the configuration.
+        let max_lease_ms = cfg.default_lease_ms.max(MAX_NUMBER * 1000);
         let mut r = Reader::new(bytes);
         let version = r.u8()?;
         if version != VERSION {
             return Err(SnapshotError::BadVersion(version));
         }
-        let next_waiter = r.u64()?;
+        let next_waiter = r.count64()?;
         let draining = r.bool()?;
         let counters = Counters {
-            grants: r.u64()?,
-            releases: r.u64()?,
-            acquire_timeouts: r.u64()?,
-            lease_expiries: r.u64()?,
-            signals_published: r.u64()?,
-            signals_delivered: r.u64()?,
+            grants: r.count64()?,
+            releases: r.count64()?,
+            acquire_timeouts: r.count64()?,
+            lease_expiries: r.count64()?,
+            signals_published: r.count64()?,
+            signals_delivered: r.count64()?,
         };
         let held = r.u64()?;
         let waiting = r.u64()?;
@@ -402,10 +417,7 @@ impl Core {
             return bad("token pool");
         };
         let elapsed = r.time()?;
-        let next_seq = r.u64()?;
-        if next_seq > MAX_TIME {
-            return bad("timer sequence number out of range");
-        }
+        let next_seq = r.count64()?;
         let mut timers = TimerWheel::resume(elapsed, next_seq);
         let mut seqs = Vec::new();
         let mut rearm = |r: &mut Reader<'_>, t: CoreTimer| -> Result<TimerHandle, SnapshotError> {
@@ -472,6 +484,9 @@ impl Core {
                 let id = r.u64()?;
                 let conn = r.u64()?;
                 let lease_ms = r.u64()?;
+                if lease_ms > max_lease_ms {
+                    return bad(format!("lease of {lease_ms} ms"));
+                }
                 let deadline = r.u64()?;
                 let flags = r.u8()?;
                 if flags > 3 {
@@ -543,6 +558,9 @@ impl Core {
             for _ in 0..m {
                 let res = r.u32()?;
                 let lease_ms = r.u64()?;
+                if lease_ms > max_lease_ms {
+                    return bad(format!("lease of {lease_ms} ms"));
+                }
                 let state = match r.u8()? {
                     0 => Enqueued::Queued(r.u64()?),
                     1 => Enqueued::Granted(Token(r.u128()?)),
@@ -579,6 +597,7 @@ impl Core {
         if seqs.windows(2).any(|w| w[0] == w[1]) {
             return bad("two timers armed at once");
         }
+        timers.order_rearmed();
 
         let resources = build_slab(items, &vacant, || Resource {
             key: "".into(),
