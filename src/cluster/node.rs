@@ -18,7 +18,7 @@ use std::collections::VecDeque;
 use hashbrown::HashMap;
 use log::{info, warn};
 use raft::prelude::{ConfState, Entry, EntryType, HardState, Message, MessageType, Snapshot};
-use raft::{RawNode, StateRole};
+use raft::{ProgressState, RawNode, SnapshotStatus, StateRole};
 
 use super::command::{BatchHeader, Command, Commands, Origin, batch_now, begin_batch};
 use super::machine::{Event, Machine, ReplicatedEntropy};
@@ -145,6 +145,8 @@ pub struct Node {
     standby: Standby,
     /// This incarnation's `Join` has been applied.
     joined: bool,
+    /// Leader: when a snapshot was last sent to each peer still installing it.
+    snapshot_sent: HashMap<u64, u64>,
     /// The snapshot the data dir held, until [`Node::make_core`] takes it.
     restored: Option<Vec<u8>>,
     snapshot_entries: u64,
@@ -245,6 +247,7 @@ impl Node {
             restored,
             scratch_times: Vec::new(),
             snapshot_entries: SNAPSHOT_ENTRIES,
+            snapshot_sent: HashMap::new(),
             machine,
             cfg,
             raw,
@@ -694,6 +697,30 @@ impl Node {
         {
             self.tick_inflight = u64::MAX; // set to the index once proposed
         }
+        // A snapshot lost on the way (the peer restarted, the link broke)
+        // leaves raft-rs waiting for it forever: after 2 election timeouts
+        // without the peer reaching it, report it failed so it is sent again.
+        let give_up = 2 * self.cfg.election_ms;
+        let mut failed = Vec::new();
+        self.snapshot_sent.retain(|&peer, &mut at| {
+            let waiting = self
+                .raw
+                .raft
+                .prs()
+                .get(peer)
+                .is_some_and(|pr| pr.state == ProgressState::Snapshot);
+            if waiting && mono.saturating_sub(at) >= give_up {
+                failed.push(peer);
+            }
+            waiting && mono.saturating_sub(at) < give_up
+        });
+        for peer in failed {
+            info!(
+                "node {}: the snapshot sent to node {peer} was not installed; sending it again",
+                self.cfg.id
+            );
+            self.raw.report_snapshot(peer, SnapshotStatus::Failure);
+        }
         let margin = 6 * self.cfg.election_ms;
         for &peer in &self.cfg.voters {
             if peer == self.cfg.id {
@@ -953,6 +980,9 @@ impl Node {
 
     fn send(&mut self, msgs: Vec<Message>) {
         for m in msgs {
+            if m.get_msg_type() == MessageType::MsgSnapshot {
+                self.snapshot_sent.insert(m.to, self.mono);
+            }
             self.out.push((m.to, Outgoing::Raft(Box::new(m))));
         }
     }
