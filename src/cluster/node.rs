@@ -31,6 +31,9 @@ use crate::storage::wal::{self, Identity, Wal};
 pub const SNAPSHOT_ENTRIES: u64 = 10_000;
 pub const SNAPSHOT_LOG_BYTES: u64 = 64 << 20;
 
+/// The file that marks a data dir whose node is recovering a lost log.
+pub const RECOVERING_MARKER: &str = "recovering";
+
 /// Settings of a member.
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
@@ -145,6 +148,9 @@ pub struct Node {
     standby: Standby,
     /// This incarnation's `Join` has been applied.
     joined: bool,
+    /// `<data-dir>/recovering`: present while this node recovers a lost log,
+    /// so that a restart before it has caught up does not make it vote.
+    marker: std::path::PathBuf,
     /// Leader: when a snapshot was last sent to each peer still installing it.
     snapshot_sent: HashMap<u64, u64>,
     /// The snapshot the data dir held, until [`Node::make_core`] takes it.
@@ -234,7 +240,14 @@ impl Node {
             restored = Some(cbytes.to_vec());
             max_now_seen = max_now_seen.max(machine.now());
         }
-        let standby = if recovered.fresh && cfg.voters.len() > 1 {
+        let marker = dir.join(RECOVERING_MARKER);
+        let standby = if marker.exists() {
+            warn!(
+                "node {}: still recovering a lost log (restarted before catching up): it will not vote or campaign until it has",
+                cfg.id
+            );
+            Standby::Recovering
+        } else if recovered.fresh && cfg.voters.len() > 1 {
             Standby::Undecided {
                 fresh_peers: Vec::new(),
             }
@@ -242,6 +255,7 @@ impl Node {
             Standby::Active
         };
         let node = Node {
+            marker,
             standby,
             joined: false,
             restored,
@@ -465,6 +479,9 @@ impl Node {
                 self.cfg.id
             );
             self.standby = Standby::Recovering;
+            if let Err(e) = write_marker(&self.marker) {
+                self.failed = Some(format!("cannot write {}: {e}", self.marker.display()));
+            }
             return;
         }
         if !fresh_peers.contains(&from) {
@@ -583,6 +600,15 @@ impl Node {
                 self.leader,
                 self.machine.applied()
             );
+            // What it caught up is durable (synced in this drive) before
+            // the marker goes.
+            if let Err(e) = remove_marker(&self.marker) {
+                self.failed = Some(format!("cannot remove {}: {e}", self.marker.display()));
+                return Err(NodeError::Storage(wal::Error::Io {
+                    context: format!("removing {}", self.marker.display()),
+                    source: e,
+                }));
+            }
             self.standby = Standby::Active;
         }
         Ok(())
@@ -1028,6 +1054,28 @@ impl Node {
             }
             self.progress_ms = self.mono;
         }
+    }
+}
+
+/// Creates the recovering marker durably (file and directory entry synced).
+fn write_marker(path: &std::path::Path) -> std::io::Result<()> {
+    let f = std::fs::File::create(path)?;
+    f.sync_all()?;
+    sync_parent(path)
+}
+
+fn remove_marker(path: &std::path::Path) -> std::io::Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => sync_parent(path),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+fn sync_parent(path: &std::path::Path) -> std::io::Result<()> {
+    match path.parent() {
+        Some(dir) => std::fs::File::open(dir)?.sync_all(),
+        None => Ok(()),
     }
 }
 
