@@ -542,6 +542,18 @@ fn a_read_only_data_dir_is_a_clear_startup_error() {
     );
 }
 
+/// Waits until every node has applied the same index.
+fn settle(nodes: &[Server]) {
+    let mut cs: Vec<Client> = nodes.iter().map(|n| Client::connect(n.port)).collect();
+    wait_until("all nodes applied alike", Duration::from_secs(10), || {
+        let idx: Vec<u64> = cs
+            .iter_mut()
+            .map(|c| field(&c.cmd("stats", "_", "_"), "applied_index"))
+            .collect();
+        idx.iter().all(|&i| i == idx[0])
+    });
+}
+
 #[test]
 fn every_command_works_through_a_follower_as_on_the_leader() {
     let dir = TempDir::new("follower");
@@ -587,6 +599,8 @@ fn every_command_works_through_a_follower_as_on_the_leader() {
     assert_eq!(l.cmd("listen", "ev.*", "g"), "ok");
     assert_eq!(b.cmd("listen", "ev.*", "g"), "ok");
     let mut p = Client::connect(nodes[other].port);
+    // A subscription reaches another node when that node applies it.
+    settle(&nodes);
     assert_eq!(p.cmd("signal", "ev.x", "hello"), "ok 2");
     assert_eq!(a.line(), "sig ev.x hello");
     let l_got = l.line_within(Duration::from_millis(300)).ok().flatten();
@@ -597,6 +611,7 @@ fn every_command_works_through_a_follower_as_on_the_leader() {
         "one member of the group: {l_got:?} {b_got:?}"
     );
     assert_eq!(a.cmd("unlisten", "ev.*", ""), "ok");
+    settle(&nodes);
     assert_eq!(p.cmd("signal", "ev.y", "again"), "ok 1");
     // Every node shows the same state.
     std::thread::sleep(Duration::from_millis(200));
