@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The deterministic simulation of cluster mode (tests/cluster_sim.rs), in
-# release mode: three- and five-node clusters with the real Core and the
-# real Raft node, a network that drops, delays, reorders, duplicates and
-# partitions, crash-restarts with torn logs, wiped data dirs, and random
-# clients, with the invariants checked at every simulated millisecond
-# (mutual exclusion as clients believe it, fence order, identical applied
-# state at equal indexes, apply-once, FIFO).
+# release mode: three- and five-node clusters of real Raft nodes and real
+# Cores, a network that drops, delays, reorders, duplicates and partitions
+# (random_one_way_links also cuts links in one direction only), crashes
+# with torn logs, wiped data dirs, snapshots, and random clients, with the
+# invariants checked at every simulated millisecond: mutual exclusion as
+# clients believe it, fence order, identical applied state at equal
+# indexes, apply-once, FIFO; at the end the cluster must settle.
 #
 #   scripts/cluster_sim.sh                 1,000,000 simulated ms per run, default seed
 #   scripts/cluster_sim.sh SEED            another seed ("random" picks one)

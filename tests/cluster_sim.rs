@@ -1,34 +1,43 @@
 //! Deterministic simulation of cluster mode: several `cluster::node::Node`s
-//! with the real `Core`, their logs on disk in a temporary directory, a
-//! simulated network of encoded peer frames, a simulated millisecond clock
-//! and one seeded PRNG driving everything.
+//! with the real `Core`, their logs on disk in a temporary directory (under
+//! /dev/shm when it exists, or `CLUSTER_SIM_DIR`), a simulated network of
+//! encoded peer frames, a simulated millisecond clock and one seeded PRNG
+//! driving everything.
 //!
 //! The randomized runs (`random_*`) add, under one seed:
 //! - a network that drops, delays (1..N ms, N changing over time, and now
 //!   and then a slow message), reorders and duplicates frames, and cuts
-//!   links: a node isolated, a pair of nodes cut, a minority split off (five
-//!   nodes), healed after a while; `random_one_way_links` also cuts links
-//!   in one direction only (each direction of a peer link is its own TCP
-//!   connection, so one can fail while the other works);
+//!   links: a node isolated, a pair of nodes cut, a random split, healed
+//!   after a while; `random_one_way_links` also cuts links in one direction
+//!   only (each direction of a peer link is its own TCP connection, so one
+//!   can fail while the other works);
 //! - crashes and restarts: the node is dropped between two turns (its log
-//!   keeps what the last turn synced), sometimes with garbage appended to
-//!   the log, sometimes in the middle of a turn (the turn's writes are cut
-//!   at a random byte, what the turn would have sent is lost), and now and
-//!   then with its data directory wiped;
+//!   keeps what the last turn synced; frames on their way to it are lost
+//!   with its connections), sometimes with garbage appended to the log,
+//!   sometimes in the middle of a turn (the turn's writes are cut at a
+//!   random byte past the size the log had after the last complete turn,
+//!   and nothing the turn produced leaves the process), now and then with
+//!   its data directory wiped; the log reopens with exactly the expected
+//!   torn bytes cut;
+//! - snapshots every 20..420 entries (per node process), so that restarts
+//!   go through local snapshots and lagging nodes through the leader's;
 //! - clients on random nodes issuing `l`/`sl` with timeouts and leases,
 //!   `e`/`se` then `w`/`sw`, renewals, releases and abrupt disconnects; a
-//!   client whose connection closes (its node crashed, the node closed it
-//!   for want of a leader, or the node's incarnation was declared lost)
-//!   forgets everything and reconnects to a random node with a new
-//!   connection id.
+//!   client whose connection closes (its node crashed, closed it for want
+//!   of a leader, replaced its state by a snapshot, or had its incarnation
+//!   declared lost) forgets everything and reconnects to a random node with
+//!   a new connection id, `(node << 48) | n`, `n` from a global counter.
 //!
-//! The harness does what `src/net/cluster.rs` does around a node: replies
-//! go to the connections of the node that received the request, a node
-//! that has heard from no leader for 3 election timeouts closes its client
-//! connections (`error_unavailable` to those waiting that long), a closed
-//! connection that sent a replicated request is reported with a
-//! `Disconnect`, and a node whose incarnation is stale closes every client
-//! connection and starts a new incarnation.
+//! The harness does what `src/net/cluster.rs` and the event loop do around
+//! a node: one replicated request at a time per connection, none read
+//! before the node's `Join` is applied; replies go to the connections of
+//! the node that received the request; a node that has heard from no
+//! leader for 3 election timeouts closes its client connections
+//! (`error_unavailable` to those waiting that long); a closed connection
+//! that sent a replicated request is reported with a `Disconnect`; a node
+//! whose incarnation is stale closes every client connection and starts a
+//! new incarnation; a snapshot from the leader closes the connections
+//! waiting for a reply.
 //!
 //! Checked at every step:
 //! 1. no more clients believe they hold a key than its limit. A belief
@@ -36,24 +45,26 @@
 //!    sends the release, when its connection closes, or when the lease runs
 //!    out counted from when the client *sent* the request that granted or
 //!    renewed it: the cluster stamps a grant no earlier than that, and
-//!    cluster time never runs faster than the simulated clock, so the
+//!    cluster time must not run faster than the simulated clock, so the
 //!    cluster's expiry is never earlier. (Counting from the delivery of the
 //!    reply, as `CLUSTER_SIM_BELIEF=delivery` does, is not sound: the reply
-//!    arrives a commit latency after the lease started. The summary counts
-//!    how often such beliefs would have overlapped.) Also: a release,
-//!    renewal or `w` refused while the client's belief still runs is a
-//!    lease lost early;
+//!    arrives a commit latency, up to a few election timeouts on a lagging
+//!    node, after the lease started. The summary counts how often such
+//!    beliefs would have overlapped.) Also: a release, renewal or `w`
+//!    refused while the client's belief still runs is a lease lost early;
 //! 2. fences strictly increase over the fresh grants (`l`, `sl`, `e`) of
-//!    each node in apply order, and every node's k-th grant is the same
-//!    token;
+//!    each node in apply order, and every node that applied the whole log
+//!    granted the same k-th token;
 //! 3. every node's applied state (the `stats` body at the machine's time,
 //!    the core's figures and counters, the machine's own state) is the same
-//!    at the same applied index, and `Core::check_invariants` holds;
+//!    at the same applied index, restored snapshots included, and
+//!    `Core::check_invariants` holds;
 //! 4. no command is applied twice: each node applies its own commands in
 //!    sequence, each once; on every node the k-th reply to a connection has
-//!    the shape its k-th request allows (a connection never gets more
-//!    replies than it sent requests); a client never gets a reply it has no
-//!    request waiting for;
+//!    the shape its k-th request allows, so a connection never gets more
+//!    replies than it sent requests (a node that skipped part of the log
+//!    through a snapshot counts only connections that began after it); a
+//!    client never gets a reply it has no request waiting for;
 //! 5. FIFO, as far as clients can tell: once an `l`/`sl` is queued (its
 //!    node applied it as blocked), no request on the same key sent later is
 //!    granted while that waiter still waits (not granted, timed out, closed
@@ -63,11 +74,18 @@
 //! the cluster must settle: one leader, every node at the same index, no
 //! holder, waiter or connection left.
 //!
-//! A failure prints the seed and the command that replays it exactly:
-//! `CLUSTER_SIM_SEED=<seed> CLUSTER_SIM_STEPS=<steps> cargo test --release
-//! --test cluster_sim -- <test>`. A step is one simulated millisecond. In a
-//! debug build without `CLUSTER_SIM_STEPS` a run also stops after a time
-//! budget. `scripts/cluster_sim.sh` runs the randomized tests in release.
+//! Election timeouts are fixed per node process (raft-rs draws them from a
+//! thread-local RNG otherwise), in [1, 1.5) election timeouts: raft-rs's
+//! check-quorum period is that same value here, while in the server it is
+//! the base timeout, so longer ones would make a cut-off leader step down
+//! later than any server's would.
+//!
+//! A failure prints the seed, the last events and the command that replays
+//! it exactly: `CLUSTER_SIM_SEED=<seed> CLUSTER_SIM_STEPS=<steps> cargo
+//! test --release --test cluster_sim -- <test>` (`CLUSTER_SIM_TRACE=<n>`
+//! keeps more events). A step is one simulated millisecond. In a debug
+//! build without `CLUSTER_SIM_STEPS` a run also stops after a time budget.
+//! `scripts/cluster_sim.sh` runs the randomized tests in release.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::fmt::Write as _;
@@ -832,6 +850,8 @@ impl Sim {
                 wire::Frame::Forward(cmds) => {
                     n.node.on_forward(mono, m.from, cmds);
                 }
+                wire::Frame::Ping(stamp) => n.node.on_ping(mono, m.from, stamp),
+                wire::Frame::Echo(stamp) => n.node.on_echo(mono, m.from, stamp),
                 _ => unreachable!(),
             }
         }
@@ -953,7 +973,13 @@ impl Sim {
         let mono = self.mono;
         let view = (n.node.leader(), n.node.term());
         if self.leaders_seen.insert(id, view) != Some(view) {
-            self.note(|| format!("node {id}: leader {} term {}", view.0, view.1));
+            let (now, applied_now) = (n.node.cluster_now(mono), n.node.machine().now());
+            self.note(|| {
+                format!(
+                    "node {id}: leader {} term {} (cluster time here {now}, applied {applied_now})",
+                    view.0, view.1
+                )
+            });
         }
         n.wal_size = wal_len(&self.dir, id);
         let events = std::mem::take(&mut n.node.events);
@@ -1051,6 +1077,8 @@ impl Sim {
                     wire::encode_raft(&mut bytes, &m)
                 }
                 Outgoing::Forward(c) => wire::encode_forward(&mut bytes, &c),
+                Outgoing::Ping(stamp) => wire::encode_ping(&mut bytes, stamp),
+                Outgoing::Echo(stamp) => wire::encode_echo(&mut bytes, stamp),
             }
             if snapshot {
                 self.counts.snapshots_sent += 1;
@@ -1241,9 +1269,10 @@ impl Sim {
         let mut line = Vec::new();
         encode_reply(&reply, &[], &mut line);
         let line = String::from_utf8(line).expect("replies are UTF-8");
+        let applied_now = n.node.machine().now();
         self.note(|| {
             format!(
-                "node {id} delivers #{k} {:?} to conn {conn:#x}",
+                "node {id} delivers #{k} {:?} to conn {conn:#x} (cluster time {applied_now})",
                 line.trim_end()
             )
         });
@@ -2479,6 +2508,72 @@ fn a_follower_that_missed_a_snapshot_catches_up() {
     assert!(
         applied.iter().all(|a| a.1 == applied[0].1),
         "seed {seed}: node {follower} never caught up after missing the leader's snapshot (leader {leader}): applied {applied:?}{}",
+        sim.node_views()
+    );
+}
+
+/// Cluster time must not run faster than real time. A leader cut off from
+/// the others goes on stamping what it proposes (none of it commits); if
+/// it is elected again, the clock it starts from must not include those
+/// stamps, or a lease granted meanwhile ends early.
+#[test]
+fn leases_do_not_end_early_when_a_deposed_leader_is_elected_again() {
+    let seed = seed() ^ 5;
+    let mut sim = Sim::new(seed, 3);
+    sim.run(3 * ET);
+    let a = sim.leader().expect("a leader");
+    let others: Vec<u64> = sim.ids.iter().copied().filter(|&i| i != a).collect();
+    let (b, c) = (others[0], others[1]);
+    // `c` is down; `a` is cut off and stamps its clients' requests until it
+    // steps down; `b` cannot be elected alone.
+    sim.crash(c);
+    sim.cut_both(a, b);
+    sim.cut_both(a, c);
+    let mut i = 0;
+    while sim.nodes[&a].node.is_leader() {
+        i += 1;
+        sim.request(a, conn(a, 100 + i), &format!("l\nq{i}\n0\n"));
+        sim.run(10);
+    }
+    sim.run(5 * ET);
+    // `c` comes back: `b` is elected, its clock starting from the last
+    // stamp it had from `a`.
+    sim.start(c);
+    for _ in 0..20 * ET {
+        if sim.nodes[&b].node.is_leader() || sim.nodes[&c].node.is_leader() {
+            break;
+        }
+        sim.step();
+    }
+    let l = sim.leader().expect("a new leader");
+    let f = if l == b { c } else { b };
+    sim.heal_all();
+    sim.run(2 * HB);
+    // A holder on `a` takes a lock for 1 s.
+    let h = conn(a, 1);
+    let sent = sim.mono;
+    sim.request(a, h, "l\nk\n0 1\n");
+    assert!(sim.await_reply(h, 500).unwrap().starts_with("ok "));
+    // A waiter queues; `f` does not hear of it, so only `a` can be elected
+    // when the leader crashes.
+    sim.cut.insert((l, f));
+    let w = conn(a, 2);
+    sim.request(a, w, "l\nk\n5\n");
+    sim.run(2 * HB);
+    let before = (sim.mono, sim.nodes[&l].node.cluster_now(sim.mono));
+    sim.crash(l);
+    sim.heal_all();
+    let r = sim.await_reply(w, 5_000).expect("the waiter's grant");
+    assert!(r.starts_with("ok "), "seed {seed}: {r}");
+    // The holder's connection is open: its lease ran out.
+    assert!(sim.nodes[&a].conns.contains_key(&h) && sim.reply(h).is_none());
+    assert_eq!(sim.leader(), Some(a));
+    assert!(
+        sim.mono >= sent + 1000,
+        "seed {seed}: a 1 s lease asked at {sent} ms was given to the next waiter at {} ms: node {a}, leader until it was cut off, was elected again after node {l} crashed at {} ms (cluster time {}){}",
+        sim.mono,
+        before.0,
+        before.1,
         sim.node_views()
     );
 }

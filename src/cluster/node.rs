@@ -20,7 +20,7 @@ use log::{info, warn};
 use raft::prelude::{ConfState, Entry, EntryType, HardState, Message, MessageType, Snapshot};
 use raft::{ProgressState, RawNode, SnapshotStatus, StateRole};
 
-use super::command::{BatchHeader, Command, Commands, Origin, batch_now, begin_batch};
+use super::command::{BatchHeader, Command, Commands, Origin, begin_batch};
 use super::machine::{Event, Machine, ReplicatedEntropy};
 use super::store::Store;
 use crate::core::{ConnId, Core, Outbox};
@@ -59,6 +59,10 @@ pub enum Outgoing {
     Raft(Box<Message>),
     /// Encoded commands for the leader.
     Forward(Vec<u8>),
+    /// This node's clock, every heartbeat interval.
+    Ping(u64),
+    /// The last ping stamp received from the receiver.
+    Echo(u64),
 }
 
 /// Why the node cannot go on.
@@ -129,9 +133,8 @@ pub struct Node {
     /// Leader: commands to propose this turn.
     batch: Vec<u8>,
     batch_cmds: usize,
-    /// Highest batch time in this node's log, and where cluster time
-    /// started counting in this leadership: (cluster ms, mono ms).
-    max_now_seen: u64,
+    /// Where cluster time started counting in this leadership:
+    /// (cluster ms, mono ms).
     clock_base: (u64, u64),
     /// Leader: index of a proposed tick not yet applied.
     tick_inflight: u64,
@@ -157,6 +160,10 @@ pub struct Node {
     restored: Option<Vec<u8>>,
     snapshot_entries: u64,
     scratch_times: Vec<u64>,
+    /// The latest ping stamp received from each peer, to echo.
+    echo_due: HashMap<u64, u64>,
+    /// The latest of this node's stamps the current leader echoed.
+    leader_echo: u64,
 }
 
 impl Node {
@@ -176,7 +183,6 @@ impl Node {
         };
         let (wal, recovered) = Wal::open(dir, identity).map_err(NodeError::Storage)?;
         let mut store = Store::new(&cfg.voters);
-        let mut max_now_seen = 0;
         let mut restored = None;
         if let Some(snap) = &recovered.snapshot {
             store.apply_snapshot(raft_snapshot(
@@ -190,12 +196,7 @@ impl Node {
         let entries: Vec<Entry> = recovered
             .entries
             .iter()
-            .map(|e| {
-                if let Some(now) = batch_now(&e.data) {
-                    max_now_seen = max_now_seen.max(now);
-                }
-                raft_entry(e.index, e.term, e.data.clone())
-            })
+            .map(|e| raft_entry(e.index, e.term, e.data.clone()))
             .collect();
         store.append(&entries);
         let hs = recovered.hard_state;
@@ -238,7 +239,6 @@ impl Node {
                 .restore(mbytes)
                 .map_err(|e| corrupt(format!("the snapshot's state does not decode: {e}")))?;
             restored = Some(cbytes.to_vec());
-            max_now_seen = max_now_seen.max(machine.now());
         }
         let marker = dir.join(RECOVERING_MARKER);
         let standby = if marker.exists() {
@@ -260,6 +260,8 @@ impl Node {
             joined: false,
             restored,
             scratch_times: Vec::new(),
+            echo_due: HashMap::new(),
+            leader_echo: mono,
             snapshot_entries: SNAPSHOT_ENTRIES,
             snapshot_sent: HashMap::new(),
             machine,
@@ -277,8 +279,7 @@ impl Node {
             role: StateRole::Follower,
             batch: Vec::new(),
             batch_cmds: 0,
-            max_now_seen,
-            clock_base: (max_now_seen, mono),
+            clock_base: (0, mono),
             tick_inflight: 0,
             last_heard: HashMap::new(),
             lost_proposed: HashMap::new(),
@@ -347,8 +348,11 @@ impl Node {
         &self.machine
     }
 
-    /// The last moment this node was sure of a leader (its own leadership
-    /// or a message from the leader).
+    /// The last moment this node was sure that a leader heard it: as
+    /// leader, when it had last heard from a majority; as follower, the send
+    /// time of its latest ping the leader echoed (so a link that works only
+    /// from the leader to this node is no contact: the leader, not hearing
+    /// this node, will declare it lost).
     pub fn leader_contact_ms(&self) -> u64 {
         self.leader_contact_ms
     }
@@ -518,14 +522,7 @@ impl Node {
             return;
         }
         let _ = self.raw.step(msg);
-        if from == self.raw.raft.leader_id
-            && matches!(
-                t,
-                MessageType::MsgHeartbeat | MessageType::MsgAppend | MessageType::MsgSnapshot
-            )
-        {
-            self.leader_contact_ms = mono;
-        }
+        let _ = t;
     }
 
     /// Commands forwarded by peer `from` (dropped unless leader: the
@@ -554,10 +551,39 @@ impl Node {
     }
 
     /// The Raft tick (every heartbeat interval). A node in standby does
-    /// not tick: it would campaign.
+    /// not tick: it would campaign. Every peer gets a ping and the echo of
+    /// its last ping.
     pub fn tick(&mut self) {
         if self.standby == Standby::Active {
             self.raw.tick();
+        }
+        let me = self.cfg.id;
+        for &peer in &self.cfg.voters {
+            if peer == me {
+                continue;
+            }
+            self.out.push((peer, Outgoing::Ping(self.mono)));
+            if let Some(&stamp) = self.echo_due.get(&peer) {
+                self.out.push((peer, Outgoing::Echo(stamp)));
+            }
+        }
+    }
+
+    /// A peer's ping: it is alive, and its stamp goes back in an echo.
+    pub fn on_ping(&mut self, mono: u64, from: u64, stamp: u64) {
+        self.last_heard.insert(from, mono);
+        self.echo_due.insert(from, stamp);
+    }
+
+    /// A peer echoed one of this node's ping stamps: it heard this node at
+    /// least until then. From the leader, that is contact.
+    pub fn on_echo(&mut self, mono: u64, from: u64, stamp: u64) {
+        self.last_heard.insert(from, mono);
+        if from == self.raw.raft.leader_id && stamp <= mono {
+            self.leader_echo = self.leader_echo.max(stamp);
+            if self.raw.raft.state != StateRole::Leader {
+                self.leader_contact_ms = self.leader_contact_ms.max(stamp);
+            }
         }
     }
 
@@ -630,7 +656,6 @@ impl Node {
                 "node {}: leader is now node {leader} (term {term})",
                 self.cfg.id
             );
-            self.leader_contact_ms = mono;
         } else if leader == 0 && self.leader != 0 {
             info!(
                 "node {}: lost contact with leader node {} (term {term})",
@@ -648,7 +673,14 @@ impl Node {
         self.tick_inflight = 0;
         self.lost_proposed.clear();
         if became_leader {
-            self.clock_base = (self.max_now_seen.max(self.machine.now()), mono);
+            // From the time of what it has applied, not the newest time in
+            // its log: a deposed leader's log may hold entries it stamped
+            // itself that were never committed, and counting from them
+            // would end leases early. Committed entries it has not applied
+            // yet may be later: applying takes the larger time, so the
+            // clock then stands still until this leader's catches up, which
+            // only lengthens leases.
+            self.clock_base = (self.machine.now(), mono);
             self.became_leader_ms = mono;
         }
     }
@@ -825,9 +857,6 @@ impl Node {
         self.apply(core, rd.take_committed_entries(), outbox);
         if !rd.entries().is_empty() {
             for e in rd.entries() {
-                if let Some(now) = batch_now(&e.data) {
-                    self.max_now_seen = self.max_now_seen.max(now);
-                }
                 self.wal.append(e.index, e.term, &e.data);
             }
             self.raw.mut_store().append(rd.entries());
@@ -967,7 +996,6 @@ impl Node {
         })?;
         *core = restored;
         self.machine = machine;
-        self.max_now_seen = self.max_now_seen.max(self.machine.now());
         self.stats.snapshot_index = index;
         self.stats.snapshot_bytes = snap.data.len() as u64;
         // This node's commands the snapshot covers are done; those in flight

@@ -6,9 +6,13 @@
 //!   1 raft     a raft-rs message (protobuf)
 //!   2 forward  commands for the leader (see `command`)
 //!   3 deliver  conn u64 | a pushed `sig` line for that connection
-//!   4 ping     (empty): sent on an idle link every heartbeat interval, so
-//!              that a link whose packets stopped getting through is noticed
+//!   4 ping     stamp u64: the sender's clock (ms), every heartbeat interval
+//!   5 echo     stamp u64: the last ping stamp received from the receiver
 //! ```
+//!
+//! Pings keep every link busy, so that a link whose packets stopped getting
+//! through is noticed; echoes tell a node that the leader hears it (see
+//! `Node::leader_contact_ms`).
 //!
 //! Each node dials every other node and only sends on the connection it
 //! dialled; what it receives comes on connections the others dialled. The
@@ -27,6 +31,7 @@ const KIND_RAFT: u8 = 1;
 const KIND_FORWARD: u8 = 2;
 const KIND_DELIVER: u8 = 3;
 const KIND_PING: u8 = 4;
+const KIND_ECHO: u8 = 5;
 
 /// One decoded frame, borrowing from the input.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -47,7 +52,8 @@ pub enum Frame<'a> {
         conn: u64,
         line: &'a [u8],
     },
-    Ping,
+    Ping(u64),
+    Echo(u64),
 }
 
 /// Why a peer's bytes cannot be framed: the connection is closed.
@@ -103,8 +109,15 @@ pub fn decode(buf: &[u8], max: usize) -> Result<Option<(Frame<'_>, usize)>, Wire
                 line: &body[8..],
             }
         }
-        KIND_PING if body.is_empty() => Frame::Ping,
-        KIND_PING => return Err(WireError::Truncated),
+        KIND_PING | KIND_ECHO => {
+            let stamp: [u8; 8] = body.try_into().map_err(|_| WireError::Truncated)?;
+            let stamp = u64::from_le_bytes(stamp);
+            if buf[4] == KIND_PING {
+                Frame::Ping(stamp)
+            } else {
+                Frame::Echo(stamp)
+            }
+        }
         k => return Err(WireError::UnknownKind(k)),
     };
     Ok(Some((frame, 4 + len)))
@@ -199,9 +212,17 @@ pub fn encode_deliver(out: &mut Vec<u8>, conn: u64, line: &[u8]) {
     finish(out, at);
 }
 
-/// Appends a keepalive.
-pub fn encode_ping(out: &mut Vec<u8>) {
+/// Appends a ping carrying the sender's clock.
+pub fn encode_ping(out: &mut Vec<u8>, stamp: u64) {
     let at = begin(out, KIND_PING);
+    out.extend_from_slice(&stamp.to_le_bytes());
+    finish(out, at);
+}
+
+/// Appends the echo of a ping stamp.
+pub fn encode_echo(out: &mut Vec<u8>, stamp: u64) {
+    let at = begin(out, KIND_ECHO);
+    out.extend_from_slice(&stamp.to_le_bytes());
     finish(out, at);
 }
 
@@ -237,7 +258,8 @@ mod tests {
         encode_raft(&mut buf, &m);
         encode_forward(&mut buf, b"xyz");
         encode_deliver(&mut buf, 42, b"sig a b\n");
-        encode_ping(&mut buf);
+        encode_ping(&mut buf, 77);
+        encode_echo(&mut buf, 78);
         let mut frames = Vec::new();
         let mut at = 0;
         while at < buf.len() {
@@ -274,7 +296,8 @@ mod tests {
                 line: b"sig a b\n"
             }
         );
-        assert_eq!(frames[4], Frame::Ping);
+        assert_eq!(frames[4], Frame::Ping(77));
+        assert_eq!(frames[5], Frame::Echo(78));
     }
 
     #[test]

@@ -327,7 +327,14 @@ impl Server {
                         }
                         true
                     }
-                    Frame::Ping => true,
+                    Frame::Ping(stamp) => {
+                        node.on_ping(now, from, stamp);
+                        true
+                    }
+                    Frame::Echo(stamp) => {
+                        node.on_echo(now, from, stamp);
+                        true
+                    }
                     Frame::Hello {
                         node: peer,
                         has_state,
@@ -511,6 +518,8 @@ impl Server {
                 match msg {
                     Outgoing::Raft(m) => links.send(*to, |b| wire::encode_raft(b, m)),
                     Outgoing::Forward(cmds) => links.send(*to, |b| wire::encode_forward(b, cmds)),
+                    Outgoing::Ping(stamp) => links.send(*to, |b| wire::encode_ping(b, *stamp)),
+                    Outgoing::Echo(stamp) => links.send(*to, |b| wire::encode_echo(b, *stamp)),
                 }
             }
         }

@@ -380,15 +380,10 @@ impl Links {
         }
     }
 
-    /// Every heartbeat interval: a ping on every idle outbound link, and
+    /// Every heartbeat interval (when the node has queued its pings):
     /// inbound links that said no hello in time, or nothing for too long,
     /// are closed (the peer redials).
     pub fn keepalive(&mut self, registry: &Registry, now: u64) {
-        for link in &mut self.outbound {
-            if link.connected && link.written == link.output.len() {
-                wire::encode_ping(&mut link.output);
-            }
-        }
         let dead_after = self.dead_after_ms;
         let late: Vec<(usize, &'static str)> = self
             .inbound
