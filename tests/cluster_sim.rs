@@ -2146,7 +2146,7 @@ impl Sim {
         self.steps = steps;
         self.settle();
         eprintln!(
-            "cluster sim {} ({} nodes) seed {} steps {}: {:.2?}, {} grants applied, {} log entries, {:?}",
+            "cluster sim {} ({} nodes) seed {} steps {}: {:.2?}, {} grants compared in apply order across nodes, {} log entries, {:?}",
             self.name,
             self.ids.len(),
             self.seed,
