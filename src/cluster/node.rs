@@ -162,8 +162,6 @@ pub struct Node {
     scratch_times: Vec<u64>,
     /// The latest ping stamp received from each peer, to echo.
     echo_due: HashMap<u64, u64>,
-    /// The latest of this node's stamps the current leader echoed.
-    leader_echo: u64,
 }
 
 impl Node {
@@ -261,7 +259,6 @@ impl Node {
             restored,
             scratch_times: Vec::new(),
             echo_due: HashMap::new(),
-            leader_echo: mono,
             snapshot_entries: SNAPSHOT_ENTRIES,
             snapshot_sent: HashMap::new(),
             machine,
@@ -522,7 +519,6 @@ impl Node {
             return;
         }
         let _ = self.raw.step(msg);
-        let _ = t;
     }
 
     /// Commands forwarded by peer `from` (dropped unless leader: the
@@ -579,11 +575,11 @@ impl Node {
     /// least until then. From the leader, that is contact.
     pub fn on_echo(&mut self, mono: u64, from: u64, stamp: u64) {
         self.last_heard.insert(from, mono);
-        if from == self.raw.raft.leader_id && stamp <= mono {
-            self.leader_echo = self.leader_echo.max(stamp);
-            if self.raw.raft.state != StateRole::Leader {
-                self.leader_contact_ms = self.leader_contact_ms.max(stamp);
-            }
+        if from == self.raw.raft.leader_id
+            && stamp <= mono
+            && self.raw.raft.state != StateRole::Leader
+        {
+            self.leader_contact_ms = self.leader_contact_ms.max(stamp);
         }
     }
 
