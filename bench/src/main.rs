@@ -4,9 +4,16 @@
 //! dflockd-bench [run] --addr 127.0.0.1:6388 --mode lock --connections 100 \
 //!     --duration 3 --warmup 1 [--keys K] [--depth D] [--server-pid PID] [--json]
 //! dflockd-bench --mode signal --connections 10 --listeners 10 [--pattern 'bench.>']
+//! dflockd-bench --mode etcd-lock --endpoints 127.0.0.1:2379,127.0.0.1:22379 -c 100
 //! dflockd-bench report --input runs.jsonl --output latest.json --svg chart.svg
 //! ```
+//!
+//! The `etcd-*` modes (etcd's v3 lock service) exist in a build with
+//! `--features etcd` only.
 
+#[cfg(feature = "etcd")]
+mod etcd;
+mod failover;
 mod load;
 mod procstat;
 mod report;
@@ -21,15 +28,26 @@ const USAGE: &str = "\
 usage: dflockd-bench [run] [options]
        dflockd-bench report --input RUNS.jsonl [--output FILE.json] [--svg FILE.svg]
                             [--machine TEXT] [--command TEXT]
+       dflockd-bench failover --help    (kill -9 failover driver)
 
 run options:
-  --addr HOST:PORT      server address (default 127.0.0.1:6388)
+  --addr HOST:PORT      server address (default 127.0.0.1:6388; etcd modes:
+                        127.0.0.1:2379, or a list H:P,H:P,... as with --endpoints)
+  --endpoints H:P,...   etcd modes: the cluster's client URLs (http://), every
+                        connection gets the whole list and balances over it
   --connections N       closed-loop client connections (default 10)
   --duration SECS       measured time (default 5)
   --warmup SECS         unmeasured time before it (default 1)
-  --keys K              shared keys of `contended` and `sem` (default 1)
+  --keys K              shared keys of `contended`, `sem` and `etcd-contended`
+                        (default 1)
   --mode MODE           lock | contended | sem | twophase | renew | pipeline |
-                        redis-lock | signal (default lock)
+                        redis-lock | signal | etcd-lock | etcd-contended
+                        (default lock). etcd-lock: each connection (its own
+                        etcd client) loops Lock(<prefix>k<i>, its lease) then
+                        Unlock; etcd-contended: the same on the --keys shared
+                        names <prefix>c<i mod K>. Built with --features etcd only
+  --client-threads N    etcd modes: 1 = one current-thread tokio runtime,
+                        N > 1 = a multi-thread one with N workers (default 1)
   --depth D             independent requests in flight per connection, for
                         `pipeline` and `redis-lock` (default 32 for pipeline, 1 else)
   --server-pid PID      report the server's CPU time per operation and its RSS
@@ -67,6 +85,10 @@ fn real_main() -> Result<(), String> {
             args.remove(0);
             return report_main(args);
         }
+        Some("failover") => {
+            args.remove(0);
+            return failover::main(args);
+        }
         Some("run") => {
             args.remove(0);
         }
@@ -98,14 +120,35 @@ fn num<T: std::str::FromStr>(v: &str, flag: &str) -> Result<T, String> {
         .map_err(|_| format!("{flag}: not a valid number: {v:?}"))
 }
 
+/// The mode given to `run`: one of the load generator's, or an etcd one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RunMode {
+    Load(load::Mode),
+    /// `etcd-lock` (false) or `etcd-contended` (true).
+    Etcd {
+        contended: bool,
+    },
+}
+
+impl RunMode {
+    fn parse(s: &str) -> Option<RunMode> {
+        match s {
+            "etcd-lock" => Some(RunMode::Etcd { contended: false }),
+            "etcd-contended" => Some(RunMode::Etcd { contended: true }),
+            _ => load::Mode::parse(s).map(RunMode::Load),
+        }
+    }
+}
+
 fn run_main(args: Vec<std::ffi::OsString>) -> Result<(), String> {
     let mut parser = lexopt::Parser::from_args(args);
-    let mut addr = "127.0.0.1:6388".to_string();
+    let mut addr: Option<String> = None;
     let mut connections = 10usize;
     let mut duration = Duration::from_secs(5);
     let mut warmup = Duration::from_secs(1);
     let mut keys = 1usize;
-    let mut mode = load::Mode::Lock;
+    let mut mode = RunMode::Load(load::Mode::Lock);
+    let mut client_threads = 1usize;
     let mut depth: Option<usize> = None;
     let mut server_pid = None;
     let mut json = false;
@@ -119,7 +162,13 @@ fn run_main(args: Vec<std::ffi::OsString>) -> Result<(), String> {
     let mut payload_bytes = 16usize;
     while let Some(arg) = parser.next().map_err(|e| e.to_string())? {
         match arg {
-            Long("addr") => addr = val(&mut parser)?,
+            Long("addr") | Long("endpoints") => addr = Some(val(&mut parser)?),
+            Long("client-threads") => {
+                client_threads = num(&val(&mut parser)?, "--client-threads")?;
+                if !(1..=64).contains(&client_threads) {
+                    return Err("--client-threads: 1 to 64".into());
+                }
+            }
             Long("connections") | Short('c') => {
                 connections = num(&val(&mut parser)?, "--connections")?;
             }
@@ -128,8 +177,7 @@ fn run_main(args: Vec<std::ffi::OsString>) -> Result<(), String> {
             Long("keys") => keys = num(&val(&mut parser)?, "--keys")?,
             Long("mode") | Short('m') => {
                 let v = val(&mut parser)?;
-                mode =
-                    load::Mode::parse(&v).ok_or_else(|| format!("--mode: unknown mode {v:?}"))?;
+                mode = RunMode::parse(&v).ok_or_else(|| format!("--mode: unknown mode {v:?}"))?;
             }
             Long("depth") => depth = Some(num(&val(&mut parser)?, "--depth")?),
             Long("server-pid") => server_pid = Some(num(&val(&mut parser)?, "--server-pid")?),
@@ -156,6 +204,27 @@ fn run_main(args: Vec<std::ffi::OsString>) -> Result<(), String> {
             _ => return Err(format!("{}\n{USAGE}", arg.unexpected())),
         }
     }
+    let mode = match mode {
+        RunMode::Load(m) => m,
+        RunMode::Etcd { contended } => {
+            return etcd_main(EtcdArgs {
+                endpoints: addr,
+                contended,
+                connections,
+                duration,
+                warmup,
+                keys,
+                server_pid,
+                json,
+                label,
+                key_prefix,
+                progress,
+                variant,
+                client_threads,
+            });
+        }
+    };
+    let addr = addr.unwrap_or_else(|| "127.0.0.1:6388".to_string());
     let addr: SocketAddr = addr
         .to_socket_addrs()
         .map_err(|e| format!("--addr {addr}: {e}"))?
@@ -189,13 +258,71 @@ fn run_main(args: Vec<std::ffi::OsString>) -> Result<(), String> {
         payload_bytes,
     };
     let result = load::run(&opts)?;
-    let table = report::table(std::slice::from_ref(&result));
-    if opts.json {
+    print_result(&result, opts.json);
+    Ok(())
+}
+
+/// The table, and with `--json` the JSON object on stdout (table on stderr).
+fn print_result(result: &serde_json::Value, json: bool) {
+    let table = report::table(std::slice::from_ref(result));
+    if json {
         eprint!("{table}");
         println!("{result}");
     } else {
         print!("{table}");
     }
+}
+
+/// The `run` options of an etcd mode.
+#[cfg_attr(not(feature = "etcd"), allow(dead_code))]
+struct EtcdArgs {
+    /// `--addr`/`--endpoints`, a comma-separated list.
+    endpoints: Option<String>,
+    contended: bool,
+    connections: usize,
+    duration: Duration,
+    warmup: Duration,
+    keys: usize,
+    server_pid: Option<u32>,
+    json: bool,
+    label: Option<String>,
+    key_prefix: String,
+    progress: bool,
+    variant: Option<String>,
+    client_threads: usize,
+}
+
+#[cfg(not(feature = "etcd"))]
+fn etcd_main(_args: EtcdArgs) -> Result<(), String> {
+    Err(
+        "built without the etcd feature: cargo build --release -p dflockd-bench --features etcd"
+            .into(),
+    )
+}
+
+#[cfg(feature = "etcd")]
+fn etcd_main(a: EtcdArgs) -> Result<(), String> {
+    let list = a.endpoints.as_deref().unwrap_or(etcd::DEFAULT_ENDPOINT);
+    let opts = etcd::Opts {
+        endpoints: etcd::parse_endpoints(list).map_err(|e| format!("--endpoints: {e}"))?,
+        connections: a.connections,
+        duration: a.duration,
+        warmup: a.warmup,
+        keys: a.keys,
+        mode: if a.contended {
+            etcd::Mode::Contended
+        } else {
+            etcd::Mode::Lock
+        },
+        server_pid: a.server_pid,
+        label: a.label.unwrap_or_else(|| "etcd".into()),
+        key_prefix: a.key_prefix,
+        progress: a.progress,
+        variant: a.variant,
+        client_threads: a.client_threads,
+    };
+    let result = etcd::run(&opts)?;
+    print_result(&result, a.json);
     Ok(())
 }
 
