@@ -2,7 +2,7 @@
 CARGO ?= cargo
 PYTEST_ARGS ?=
 
-.PHONY: run cluster build release doc test test-rust test-clients test-static test-sim test-fuzz static soak sim fuzz bench lint fmt clean
+.PHONY: run cluster build release doc test test-rust test-clients test-static test-sim test-fuzz static soak sim fuzz bench bench-cluster lint fmt clean
 
 ## Run the server on its defaults (127.0.0.1:6388).
 run:
@@ -73,6 +73,14 @@ soak:
 bench:
 	bash scripts/bench.sh
 	bash scripts/measure_memory.sh
+
+## A 3-node cluster against a 3-node etcd cluster (etcd-server installed if
+## missing), a durable and an in-memory single node, and kill -9 failover on
+## both sides: bench/results/cluster.{txt,json,svg}. About 12 minutes.
+## Arguments: make bench-cluster BENCH_CLUSTER_ARGS="--repeats 1 --kills 2"
+BENCH_CLUSTER_ARGS ?=
+bench-cluster:
+	bash scripts/bench_cluster.sh $(BENCH_CLUSTER_ARGS)
 
 lint: doc
 	$(CARGO) fmt --all -- --check

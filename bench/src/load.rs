@@ -88,7 +88,8 @@ impl Mode {
 
 #[derive(Clone, Debug)]
 pub struct Opts {
-    pub addr: SocketAddr,
+    /// Connection i goes to `addrs[i % addrs.len()]` (never empty).
+    pub addrs: Vec<SocketAddr>,
     pub connections: usize,
     pub duration: Duration,
     pub warmup: Duration,
@@ -742,8 +743,8 @@ pub fn run(opts: &Opts) -> Result<Value, String> {
     let mut poll = Poll::new().map_err(|e| format!("poll: {e}"))?;
     let mut conns = Vec::with_capacity(nconns);
     for i in 0..nconns {
-        let mut stream =
-            connect(opts.addr).map_err(|e| format!("connect {} (#{i}): {e}", opts.addr))?;
+        let addr = opts.addrs[i % opts.addrs.len()];
+        let mut stream = connect(addr).map_err(|e| format!("connect {addr} (#{i}): {e}"))?;
         poll.registry()
             .register(
                 &mut stream,

@@ -32,7 +32,9 @@ usage: dflockd-bench [run] [options]
 
 run options:
   --addr HOST:PORT      server address (default 127.0.0.1:6388; etcd modes:
-                        127.0.0.1:2379, or a list H:P,H:P,... as with --endpoints)
+                        127.0.0.1:2379, or a list H:P,H:P,... as with --endpoints);
+                        dflockd modes take a list too: connection i goes to
+                        address i mod n (the nodes of a cluster)
   --endpoints H:P,...   etcd modes: the cluster's client URLs (http://), every
                         connection gets the whole list and balances over it
   --connections N       closed-loop client connections (default 10)
@@ -225,11 +227,17 @@ fn run_main(args: Vec<std::ffi::OsString>) -> Result<(), String> {
         }
     };
     let addr = addr.unwrap_or_else(|| "127.0.0.1:6388".to_string());
-    let addr: SocketAddr = addr
-        .to_socket_addrs()
-        .map_err(|e| format!("--addr {addr}: {e}"))?
-        .next()
-        .ok_or_else(|| format!("--addr {addr}: no address"))?;
+    // A list spreads the connections: connection i goes to address i mod n
+    // (the nodes of a cluster).
+    let addrs = addr
+        .split(',')
+        .map(|a| {
+            a.to_socket_addrs()
+                .map_err(|e| format!("--addr {a}: {e}"))?
+                .next()
+                .ok_or_else(|| format!("--addr {a}: no address"))
+        })
+        .collect::<Result<Vec<SocketAddr>, String>>()?;
     let depth = depth.unwrap_or(if mode == load::Mode::Pipeline { 32 } else { 1 });
     let label = label.unwrap_or_else(|| {
         if mode == load::Mode::RedisLock {
@@ -239,7 +247,7 @@ fn run_main(args: Vec<std::ffi::OsString>) -> Result<(), String> {
         }
     });
     let opts = load::Opts {
-        addr,
+        addrs,
         connections,
         duration,
         warmup,
