@@ -82,9 +82,17 @@ BENCH_CLUSTER_ARGS ?=
 bench-cluster:
 	bash scripts/bench_cluster.sh $(BENCH_CLUSTER_ARGS)
 
+## The load generator's etcd driver is linted too when a protoc >= 3.12 is
+## there (the etcd client crate compiles its .proto files with it).
 lint: doc
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	@if protoc --version 2>/dev/null | awk '{split($$2, v, "."); exit !(v[1] > 3 || (v[1] == 3 && v[2] >= 12))}'; then \
+		echo "$(CARGO) clippy -p dflockd-bench --all-targets --features etcd -- -D warnings"; \
+		$(CARGO) clippy -p dflockd-bench --all-targets --features etcd -- -D warnings; \
+	else \
+		echo "SKIP: clippy of the bench's etcd feature (needs protoc >= 3.12: apt-get install protobuf-compiler)"; \
+	fi
 
 ## API docs of the client library (warnings are errors).
 doc:

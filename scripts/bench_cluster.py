@@ -515,6 +515,8 @@ def main():
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--only", default="dflockd3,etcd3,durable,memory")
     a = ap.parse_args()
+    # A SIGTERM (make interrupted, a timeout) still stops every member.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     only = set(a.only.split(","))
     os.chdir(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
     pin_srv, pin_gen = (), ()

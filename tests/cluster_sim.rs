@@ -776,7 +776,7 @@ impl Sim {
                 n.node.tick();
                 self.enforce_leader_contact(id, &mut n);
             }
-            let r = n.node.drive(mono, &mut n.core, &mut n.outbox);
+            let r = n.node.drive(mono, &mut n.core, &mut n.outbox, &mut |_| {});
             if let Err(e) = r {
                 self.fail(format!("node {id}: drive failed: {e}"));
             }

@@ -31,6 +31,10 @@ use crate::storage::wal::{self, Identity, Wal};
 pub const SNAPSHOT_ENTRIES: u64 = 10_000;
 pub const SNAPSHOT_LOG_BYTES: u64 = 64 << 20;
 
+/// What [`Node::drive`] calls before each log sync with the messages
+/// queued so far (see there).
+pub type BeforeSync<'a> = dyn FnMut(&mut Vec<(u64, Outgoing)>) + 'a;
+
 /// The file that marks a data dir whose node is recovering a lost log.
 pub const RECOVERING_MARKER: &str = "recovering";
 
@@ -594,11 +598,20 @@ impl Node {
     /// One turn's work; see the module documentation. Applied replies go
     /// to `outbox`, this node's events to [`Node::events`], messages to
     /// [`Node::out`].
+    ///
+    /// `before_sync` is called with [`Node::out`] just before each log
+    /// sync while it holds messages: everything in it may leave before the
+    /// sync (raft-rs's `messages`, forwards, pings, and what earlier syncs
+    /// of this turn released), so the caller can put it on the wire and
+    /// the followers write and sync their copy while the leader syncs its
+    /// own, instead of after. Taking nothing out is correct too: the rest
+    /// is left in [`Node::out`] for after the turn.
     pub fn drive(
         &mut self,
         mono: u64,
         core: &mut Core,
         outbox: &mut Outbox,
+        before_sync: &mut BeforeSync<'_>,
     ) -> Result<(), NodeError> {
         self.mono = mono;
         self.observe_leadership(mono);
@@ -608,7 +621,7 @@ impl Node {
             self.propose(mono);
         }
         while self.raw.has_ready() {
-            self.handle_ready(core, outbox)?;
+            self.handle_ready(core, outbox, before_sync)?;
             self.observe_leadership(mono);
         }
         if self.standby == Standby::Recovering
@@ -844,7 +857,12 @@ impl Node {
         }
     }
 
-    fn handle_ready(&mut self, core: &mut Core, outbox: &mut Outbox) -> Result<(), NodeError> {
+    fn handle_ready(
+        &mut self,
+        core: &mut Core,
+        outbox: &mut Outbox,
+        before_sync: &mut BeforeSync<'_>,
+    ) -> Result<(), NodeError> {
         let mut rd = self.raw.ready();
         self.send(rd.take_messages());
         if !rd.snapshot().is_empty() {
@@ -872,6 +890,9 @@ impl Node {
                 });
             }
             self.raw.mut_store().set_hard_state(hs.clone());
+        }
+        if self.wal.pending() > 0 && !self.out.is_empty() {
+            before_sync(&mut self.out);
         }
         self.sync()?;
         self.send(rd.take_persisted_messages());

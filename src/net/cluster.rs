@@ -46,6 +46,19 @@ pub(super) struct Cluster {
     deliveries: Vec<(ConnId, Vec<u8>)>,
 }
 
+/// Encodes the node's outgoing messages into the peer links' buffers,
+/// emptying `out` (its allocation is kept for the next turn).
+fn send_out(links: &mut Links, out: &mut Vec<(u64, Outgoing)>) {
+    for (to, msg) in out.drain(..) {
+        match msg {
+            Outgoing::Raft(m) => links.send(to, |b| wire::encode_raft(b, &m)),
+            Outgoing::Forward(cmds) => links.send(to, |b| wire::encode_forward(b, &cmds)),
+            Outgoing::Ping(stamp) => links.send(to, |b| wire::encode_ping(b, stamp)),
+            Outgoing::Echo(stamp) => links.send(to, |b| wire::encode_echo(b, stamp)),
+        }
+    }
+}
+
 /// Whether a request changes replicated state (and so goes through the log).
 pub(super) fn replicated(req: &Request<'_>) -> bool {
     !matches!(
@@ -459,7 +472,18 @@ impl Server {
         if cl.node.failed().is_some() {
             return;
         }
-        let result = cl.node.drive(now, &mut self.core, &mut self.outbox);
+        // Messages go on the wire before each log sync, so followers sync
+        // their copy while the leader syncs its own.
+        let links = &mut cl.links;
+        let registry = self.poll.registry();
+        let result = cl
+            .node
+            .drive(now, &mut self.core, &mut self.outbox, &mut |out| {
+                if let Some(links) = links.as_mut() {
+                    send_out(links, out);
+                    links.flush(registry, now);
+                }
+            });
         // Applied replies reach only connections waiting for one. Others
         // are for connections of an earlier process of this node (its log
         // replayed) whose ids a new connection may have reused; a new
@@ -512,16 +536,9 @@ impl Server {
             }
         }
         // Messages for peers.
-        let out = std::mem::take(&mut cl.node.out);
-        if let Some(links) = cl.links.as_mut() {
-            for (to, msg) in &out {
-                match msg {
-                    Outgoing::Raft(m) => links.send(*to, |b| wire::encode_raft(b, m)),
-                    Outgoing::Forward(cmds) => links.send(*to, |b| wire::encode_forward(b, cmds)),
-                    Outgoing::Ping(stamp) => links.send(*to, |b| wire::encode_ping(b, *stamp)),
-                    Outgoing::Echo(stamp) => links.send(*to, |b| wire::encode_echo(b, *stamp)),
-                }
-            }
+        match cl.links.as_mut() {
+            Some(links) => send_out(links, &mut cl.node.out),
+            None => cl.node.out.clear(),
         }
         self.dispatch(None);
         if now_joined {
