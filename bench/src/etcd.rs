@@ -297,21 +297,6 @@ async fn conn_loop(
     }
 }
 
-/// Snapshot of the counters at an edge of the measured window.
-struct Mark {
-    at: Instant,
-    server_cpu: Option<f64>,
-    client_cpu: Option<f64>,
-}
-
-fn mark(pid: Option<&str>) -> Mark {
-    Mark {
-        at: Instant::now(),
-        server_cpu: pid.and_then(procstat::cpu_seconds),
-        client_cpu: procstat::cpu_seconds("self"),
-    }
-}
-
 /// The lock names of a run and the index of the one each connection uses.
 fn names(mode: Mode, prefix: &str, connections: usize, keys: usize) -> Vec<String> {
     match mode {
@@ -401,7 +386,7 @@ async fn run_async(opts: &Opts, threads: usize) -> Result<Value, String> {
     let measure_at = start + opts.warmup;
     let end_at = measure_at + opts.duration;
     let mut measuring = false;
-    let mut m = mark(pid);
+    let mut m = procstat::mark(pid);
     let mut next_progress = start + Duration::from_secs(1);
     let mut last_cycles = 0u64;
     let totals = |tallies: &[Arc<Mutex<Tally>>]| {
@@ -414,7 +399,7 @@ async fn run_async(opts: &Opts, threads: usize) -> Result<Value, String> {
         let now = Instant::now();
         if !measuring && now >= measure_at {
             measuring = true;
-            m = mark(pid);
+            m = procstat::mark(pid);
             phase.store(MEASURE, Ordering::Relaxed);
         }
         if measuring && now >= end_at {
@@ -441,7 +426,7 @@ async fn run_async(opts: &Opts, threads: usize) -> Result<Value, String> {
         tokio::time::sleep_until(wake.into()).await;
     }
     phase.store(STOP, Ordering::Relaxed);
-    let end = mark(pid);
+    let end = procstat::mark(pid);
     let rss_kib = pid.and_then(procstat::rss_kib);
     let dead = tasks.iter().filter(|t| t.is_finished()).count() as u64;
 

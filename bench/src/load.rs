@@ -645,21 +645,6 @@ fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
     Err(last.unwrap_or_else(|| io::Error::other("connect failed")))
 }
 
-/// Snapshot of the counters at the start of the measured window.
-struct Mark {
-    at: Instant,
-    server_cpu: Option<f64>,
-    client_cpu: Option<f64>,
-}
-
-fn mark(pid: Option<&str>) -> Mark {
-    Mark {
-        at: Instant::now(),
-        server_cpu: pid.and_then(procstat::cpu_seconds),
-        client_cpu: procstat::cpu_seconds("self"),
-    }
-}
-
 /// One loop turn: waits up to `timeout` for events, handles them and writes
 /// what they produced.
 fn turn(
@@ -869,7 +854,7 @@ pub fn run(opts: &Opts) -> Result<Value, String> {
     let measure_at = start + opts.warmup;
     let end_at = measure_at + opts.duration;
     let mut measuring = opts.warmup.is_zero();
-    let mut m = mark(pid);
+    let mut m = procstat::mark(pid);
     let mut next_progress = start + Duration::from_secs(1);
     let mut last_cycles = 0u64;
     let mut last_received = 0u64;
@@ -890,7 +875,7 @@ pub fn run(opts: &Opts) -> Result<Value, String> {
             g.sg.win_received = 0;
             last_cycles = 0;
             last_received = g.sg.total_received;
-            m = mark(pid);
+            m = procstat::mark(pid);
         }
         if measuring && now >= end_at {
             break;
@@ -927,7 +912,7 @@ pub fn run(opts: &Opts) -> Result<Value, String> {
         let timeout = wake.saturating_duration_since(now) + Duration::from_micros(100);
         turn(&mut g, &mut poll, &mut events, timeout)?;
     }
-    let end = mark(pid);
+    let end = procstat::mark(pid);
     let rss_kib = pid.and_then(procstat::rss_kib);
     // Signal: stop publishing and wait for the replies and deliveries still
     // in flight, so that the totals can be compared exactly.

@@ -53,6 +53,22 @@ pub fn rss_kib(pid: &str) -> Option<u64> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
+/// Snapshot of the CPU counters at an edge of a measured window: the
+/// server's (when its pid is given) and this process's.
+pub struct Mark {
+    pub at: std::time::Instant,
+    pub server_cpu: Option<f64>,
+    pub client_cpu: Option<f64>,
+}
+
+pub fn mark(pid: Option<&str>) -> Mark {
+    Mark {
+        at: std::time::Instant::now(),
+        server_cpu: pid.and_then(cpu_seconds),
+        client_cpu: cpu_seconds("self"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
