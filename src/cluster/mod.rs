@@ -13,6 +13,7 @@
 pub mod command;
 pub mod machine;
 pub mod node;
+pub mod queue;
 pub mod store;
 pub mod wire;
 

@@ -13,8 +13,6 @@
 //! committed entries, append and sync the log once, send what needed the
 //! sync, advance).
 
-use std::collections::VecDeque;
-
 use hashbrown::HashMap;
 use log::{info, warn};
 use raft::prelude::{ConfState, Entry, EntryType, HardState, Message, MessageType, Snapshot};
@@ -22,6 +20,7 @@ use raft::{ProgressState, RawNode, SnapshotStatus, StateRole};
 
 use super::command::{BatchHeader, Command, Commands, Origin, begin_batch};
 use super::machine::{Event, Machine, ReplicatedEntropy};
+use super::queue::Queue;
 use super::store::Store;
 use crate::core::{ConnId, Core, Outbox};
 use crate::storage::wal::{self, Identity, Wal};
@@ -125,7 +124,7 @@ pub struct Node {
     incarnation: u64,
     next_seq: u64,
     /// This node's commands not yet applied, oldest first.
-    outstanding: VecDeque<(u64, Vec<u8>, std::time::Instant)>,
+    outstanding: Queue,
     /// Highest seq sent to the current leader (or batched, as leader).
     sent_upto: u64,
     /// Highest seq of this node applied.
@@ -271,7 +270,7 @@ impl Node {
             wal,
             incarnation,
             next_seq: 1,
-            outstanding: VecDeque::new(),
+            outstanding: Queue::default(),
             sent_upto: 0,
             applied_seq: 0,
             progress_ms: mono,
@@ -382,10 +381,8 @@ impl Node {
             seq: self.next_seq,
         };
         self.next_seq += 1;
-        let mut buf = Vec::new();
-        make(origin).encode(&mut buf);
         self.outstanding
-            .push_back((origin.seq, buf, std::time::Instant::now()));
+            .push(origin.seq, |buf| make(origin).encode(buf));
         origin.seq
     }
 
@@ -397,15 +394,14 @@ impl Node {
             seq: self.next_seq,
         };
         self.next_seq += 1;
-        let mut buf = Vec::with_capacity(frame.len() + 40);
-        Command::Request {
-            origin,
-            conn,
-            frame,
-        }
-        .encode(&mut buf);
-        self.outstanding
-            .push_back((origin.seq, buf, std::time::Instant::now()));
+        self.outstanding.push(origin.seq, |buf| {
+            Command::Request {
+                origin,
+                conn,
+                frame,
+            }
+            .encode(buf)
+        });
         origin.seq
     }
 
@@ -435,8 +431,8 @@ impl Node {
         self.leader != 0
             && self
                 .outstanding
-                .back()
-                .is_some_and(|(s, ..)| *s > self.sent_upto)
+                .back_seq()
+                .is_some_and(|s| s > self.sent_upto)
     }
 
     /// Whether this process's `Join` has been applied. Until then, what the
@@ -729,7 +725,7 @@ impl Node {
             self.sent_upto = self.applied_seq;
             self.progress_ms = mono;
         }
-        let Some(&(last, ..)) = self.outstanding.back() else {
+        let Some(last) = self.outstanding.back_seq() else {
             return;
         };
         if last <= self.sent_upto {
@@ -737,16 +733,16 @@ impl Node {
         }
         let first = self.sent_upto;
         if self.role == StateRole::Leader {
-            for (seq, cmd, _) in &self.outstanding {
-                if *seq > first {
+            for (seq, cmd) in self.outstanding.iter() {
+                if seq > first {
                     self.batch.extend_from_slice(cmd);
                     self.batch_cmds += 1;
                 }
             }
         } else {
             let mut buf = Vec::new();
-            for (seq, cmd, _) in &self.outstanding {
-                if *seq > first {
+            for (seq, cmd) in self.outstanding.iter() {
+                if seq > first {
                     buf.extend_from_slice(cmd);
                 }
             }
@@ -1089,10 +1085,10 @@ impl Node {
         if self.applied_seq > before {
             while self
                 .outstanding
-                .front()
-                .is_some_and(|(s, ..)| *s <= self.applied_seq)
+                .front_seq()
+                .is_some_and(|s| s <= self.applied_seq)
             {
-                if let Some((_, _, at)) = self.outstanding.pop_front() {
+                if let Some((_, at)) = self.outstanding.pop_front() {
                     self.stats.commits += 1;
                     self.stats.commit_us_total += at.elapsed().as_micros() as u64;
                 }
