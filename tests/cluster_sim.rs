@@ -2221,6 +2221,25 @@ impl Sim {
         // Their Disconnects (and the Joins of restarted nodes) release
         // everything.
         self.run(15 * ET);
+        // A time-driven entry (a lease running out, a GC tick) may have
+        // been committed a moment ago and not yet reached every node: the
+        // nodes must agree within a few heartbeats once nothing new comes,
+        // not at an arbitrary millisecond.
+        for _ in 0..5 * ET {
+            let first = self
+                .nodes
+                .values()
+                .next()
+                .map(|n| n.node.machine().applied());
+            if self
+                .nodes
+                .values()
+                .all(|n| Some(n.node.machine().applied()) == first)
+            {
+                break;
+            }
+            self.step();
+        }
         let leaders: Vec<u64> = self
             .nodes
             .iter()
