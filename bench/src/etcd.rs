@@ -29,7 +29,7 @@ use etcd_client::{Client, ConnectOptions, Error, LockOptions};
 use hdrhistogram::Histogram;
 use serde_json::{Value, json};
 
-use crate::procstat;
+use crate::{load, procstat};
 
 /// etcd's client port on the local host, when no endpoint is given.
 pub const DEFAULT_ENDPOINT: &str = "127.0.0.1:2379";
@@ -474,22 +474,7 @@ async fn run_async(opts: &Opts, threads: usize) -> Result<Value, String> {
 
     let elapsed = end.at.duration_since(m.at).as_secs_f64();
     let requests = cycles * 2;
-    let diff = |a: Option<f64>, b: Option<f64>| Some(b? - a?);
-    let server_cpu = diff(m.server_cpu, end.server_cpu);
-    let client_cpu = diff(m.client_cpu, end.client_cpu);
-    let per = |cpu: Option<f64>, n: u64| match cpu {
-        Some(c) if n > 0 => json!(c * 1e6 / n as f64),
-        _ => Value::Null,
-    };
-    let util = |cpu: Option<f64>| cpu.map_or(Value::Null, |c| json!(c / elapsed));
-    let us = |q: f64| {
-        if hist.is_empty() {
-            0.0
-        } else {
-            hist.value_at_quantile(q) as f64 / 1000.0
-        }
-    };
-    Ok(json!({
+    let mut out = json!({
         "server": opts.label,
         "variant": opts.variant,
         "mode": mode.name(),
@@ -502,13 +487,7 @@ async fn run_async(opts: &Opts, threads: usize) -> Result<Value, String> {
         "requests": requests,
         "cycles_per_s": cycles as f64 / elapsed,
         "requests_per_s": requests as f64 / elapsed,
-        "latency_us": {
-            "p50": us(0.5),
-            "p99": us(0.99),
-            "p999": us(0.999),
-            "max": hist.max() as f64 / 1000.0,
-            "mean": hist.mean() / 1000.0,
-        },
+        "latency_us": load::quantiles(&hist),
         "errors": errors,
         "warmup_errors": warmup_errors,
         "first_error": first_error,
@@ -516,12 +495,7 @@ async fn run_async(opts: &Opts, threads: usize) -> Result<Value, String> {
         "fifo_checked_grants": Value::Null,
         "fifo_violations": Value::Null,
         "server_pid": opts.server_pid,
-        "server_cpu_us_per_cycle": per(server_cpu, cycles),
-        "server_cpu_us_per_request": per(server_cpu, requests),
-        "server_cpu_util": util(server_cpu),
         "server_rss_kib": rss_kib,
-        "client_cpu_us_per_cycle": per(client_cpu, cycles),
-        "client_cpu_util": util(client_cpu),
         "etcd": {
             "endpoints": opts.endpoints,
             "client_threads": threads,
@@ -529,7 +503,9 @@ async fn run_async(opts: &Opts, threads: usize) -> Result<Value, String> {
             "lease_regrants": regrants,
             "lease_revoke_failures": revoke_failures,
         },
-    }))
+    });
+    load::add_cpu_fields(&mut out, &m, &end, cycles, requests);
+    Ok(out)
 }
 
 /// Grants a session lease, retrying for a few seconds (the cluster may be

@@ -944,35 +944,6 @@ pub fn run(opts: &Opts) -> Result<Value, String> {
     let elapsed = end.at.duration_since(m.at).as_secs_f64();
     let cycles = g.cycles;
     let requests = cycles * mode.requests_per_cycle();
-    let server_cpu = match (m.server_cpu, end.server_cpu) {
-        (Some(a), Some(b)) => Some(b - a),
-        _ => None,
-    };
-    let client_cpu = match (m.client_cpu, end.client_cpu) {
-        (Some(a), Some(b)) => Some(b - a),
-        _ => None,
-    };
-    let per = |cpu: Option<f64>, n: u64| match cpu {
-        Some(c) if n > 0 => json!(c * 1e6 / n as f64),
-        _ => Value::Null,
-    };
-    let util = |cpu: Option<f64>| cpu.map_or(Value::Null, |c| json!(c / elapsed));
-    let quantiles = |h: &Histogram<u64>| {
-        let us = |q: f64| {
-            if h.is_empty() {
-                0.0
-            } else {
-                h.value_at_quantile(q) as f64 / 1000.0
-            }
-        };
-        json!({
-            "p50": us(0.5),
-            "p99": us(0.99),
-            "p999": us(0.999),
-            "max": h.max() as f64 / 1000.0,
-            "mean": h.mean() / 1000.0,
-        })
-    };
     let mut out = json!({
         "server": opts.label,
         "variant": opts.variant,
@@ -994,13 +965,9 @@ pub fn run(opts: &Opts) -> Result<Value, String> {
         "fifo_checked_grants": if mode == Mode::Contended { json!(g.grants_checked) } else { Value::Null },
         "fifo_violations": if mode == Mode::Contended { json!(g.fifo_violations) } else { Value::Null },
         "server_pid": opts.server_pid,
-        "server_cpu_us_per_cycle": per(server_cpu, cycles),
-        "server_cpu_us_per_request": per(server_cpu, requests),
-        "server_cpu_util": util(server_cpu),
         "server_rss_kib": rss_kib,
-        "client_cpu_us_per_cycle": per(client_cpu, cycles),
-        "client_cpu_util": util(client_cpu),
     });
+    let (server_cpu, client_cpu) = add_cpu_fields(&mut out, &m, &end, cycles, requests);
     if signal {
         let sg = &g.sg;
         let lost = sg.total_expected.saturating_sub(sg.total_received);
@@ -1017,8 +984,8 @@ pub fn run(opts: &Opts) -> Result<Value, String> {
             // only by what was in flight at the window's two edges.
             "expected_deliveries": sg.win_expected,
             "delivery_latency_us": quantiles(&sg.dhist),
-            "server_cpu_us_per_delivery": per(server_cpu, sg.win_received),
-            "client_cpu_us_per_delivery": per(client_cpu, sg.win_received),
+            "server_cpu_us_per_delivery": cpu_per(server_cpu, sg.win_received),
+            "client_cpu_us_per_delivery": cpu_per(client_cpu, sg.win_received),
             "total_published": sg.total_published,
             "total_expected": sg.total_expected,
             "total_received": sg.total_received,
@@ -1033,6 +1000,55 @@ pub fn run(opts: &Opts) -> Result<Value, String> {
         });
     }
     Ok(out)
+}
+
+/// Latency quantiles of a histogram of nanoseconds, in microseconds.
+pub(crate) fn quantiles(h: &Histogram<u64>) -> Value {
+    let us = |q: f64| {
+        if h.is_empty() {
+            0.0
+        } else {
+            h.value_at_quantile(q) as f64 / 1000.0
+        }
+    };
+    json!({
+        "p50": us(0.5),
+        "p99": us(0.99),
+        "p999": us(0.999),
+        "max": h.max() as f64 / 1000.0,
+        "mean": h.mean() / 1000.0,
+    })
+}
+
+/// Microseconds of CPU per operation, or null.
+pub(crate) fn cpu_per(cpu_s: Option<f64>, n: u64) -> Value {
+    match cpu_s {
+        Some(c) if n > 0 => json!(c * 1e6 / n as f64),
+        _ => Value::Null,
+    }
+}
+
+/// Adds the server's and the generator's CPU over the window between two
+/// marks to a result object: per cycle, per request, and as a share of
+/// one core. Returns both CPU times (seconds), when known.
+pub(crate) fn add_cpu_fields(
+    out: &mut Value,
+    start: &procstat::Mark,
+    end: &procstat::Mark,
+    cycles: u64,
+    requests: u64,
+) -> (Option<f64>, Option<f64>) {
+    let elapsed = end.at.duration_since(start.at).as_secs_f64();
+    let diff = |a: Option<f64>, b: Option<f64>| Some(b? - a?);
+    let server_cpu = diff(start.server_cpu, end.server_cpu);
+    let client_cpu = diff(start.client_cpu, end.client_cpu);
+    let util = |cpu: Option<f64>| cpu.map_or(Value::Null, |c| json!(c / elapsed));
+    out["server_cpu_us_per_cycle"] = cpu_per(server_cpu, cycles);
+    out["server_cpu_us_per_request"] = cpu_per(server_cpu, requests);
+    out["server_cpu_util"] = util(server_cpu);
+    out["client_cpu_us_per_cycle"] = cpu_per(client_cpu, cycles);
+    out["client_cpu_util"] = util(client_cpu);
+    (server_cpu, client_cpu)
 }
 
 #[cfg(test)]
