@@ -99,7 +99,6 @@ use dflockd::cluster::raft_logger;
 use dflockd::cluster::wire;
 use dflockd::core::{Config, ConnId, Core, Outbox, Outcome};
 use dflockd::protocol::{Reply, encode_reply};
-use dflockd::storage::wal::SyncJob;
 use raft::prelude::MessageType;
 
 // ---- PRNG ----
@@ -231,9 +230,6 @@ struct SimNode {
     outbox: Outbox,
     /// The log file's size after the last completed turn.
     wal_size: u64,
-    /// The log sync out (the node's `take_sync`) and the millisecond it
-    /// completes.
-    sync: Option<(SyncJob, u64)>,
     /// This process's client connections.
     conns: BTreeMap<ConnId, ServerConn>,
     /// Requests of this incarnation by seq: (connection, request number).
@@ -678,7 +674,6 @@ impl Sim {
                 core,
                 outbox: Outbox::default(),
                 wal_size,
-                sync: None,
                 conns: BTreeMap::new(),
                 submitted: HashMap::new(),
                 next_seq: 1,
@@ -694,8 +689,7 @@ impl Sim {
         );
     }
 
-    /// Drops node `id` between two turns: its log keeps what was synced,
-    /// and of what was written after, anything up to a random byte.
+    /// Drops node `id` between two turns: its log keeps what was synced.
     fn crash(&mut self, id: u64) {
         let Some(n) = self.nodes.remove(&id) else {
             return;
@@ -707,40 +701,17 @@ impl Sim {
             "node {id}: log of {size} bytes between turns, {} after the last turn",
             n.wal_size
         );
-        let (synced, keep) = self.lose_unsynced(id, &n);
         self.close_all(id, n);
         self.lose_in_flight(id);
         self.down.insert(
             id,
             Down {
                 restart_at: u64::MAX,
-                torn: (0, keep - synced),
+                torn: (0, 0),
                 wiped: false,
             },
         );
-        self.note(|| {
-            format!("node {id} crashes: log cut to {keep} of {size} bytes ({synced} synced)")
-        });
-    }
-
-    /// Cuts node `id`'s log file at a random byte of what was written and
-    /// not synced (a crash loses any of it): (synced bytes, bytes kept).
-    fn lose_unsynced(&mut self, id: u64, n: &SimNode) -> (u64, u64) {
-        let synced = n.node.synced_log_bytes();
-        let size = wal_len(&self.dir, id);
-        check!(
-            self,
-            synced <= size,
-            "node {id}: {synced} bytes synced of a log of {size}"
-        );
-        let keep = synced + self.rng.below(size - synced + 1);
-        let path = self.dir.join(id.to_string()).join("wal");
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&path)
-            .expect("open wal");
-        f.set_len(keep).expect("truncate wal");
-        (synced, keep)
+        self.note(|| format!("node {id} crashes"));
     }
 
     /// Closes every client connection of a node that is gone.
@@ -805,16 +776,10 @@ impl Sim {
                 n.node.tick();
                 self.enforce_leader_contact(id, &mut n);
             }
-            if let Some((job, at)) = n.sync.take() {
-                if at <= mono {
-                    if let Err(e) = n.node.synced(&job, Ok(()), 0) {
-                        self.fail(format!("node {id}: sync failed: {e}"));
-                    }
-                } else {
-                    n.sync = Some((job, at));
-                }
+            let r = n.node.drive(mono, &mut n.core, &mut n.outbox, &mut |_| {});
+            if let Err(e) = r {
+                self.fail(format!("node {id}: drive failed: {e}"));
             }
-            self.drive(id, &mut n);
             if self.crash_mid_turn == Some(id) {
                 self.crash_mid_turn = None;
                 if n.node.stats.snapshot_index == n.snapshot_index {
@@ -826,30 +791,6 @@ impl Sim {
             }
             self.after_turn(id, &mut n);
             self.nodes.insert(id, n);
-        }
-    }
-
-    /// One drive of a node, then its log sync: the records are written
-    /// now, and the sync completes at once (the node drives again) or
-    /// 1 to 3 ms later, the node going on meanwhile.
-    fn drive(&mut self, id: u64, n: &mut SimNode) {
-        for _ in 0..3 {
-            if let Err(e) = n.node.drive(self.mono, &mut n.core, &mut n.outbox) {
-                self.fail(format!("node {id}: drive failed: {e}"));
-            }
-            let job = match n.node.take_sync() {
-                Ok(Some(job)) => job,
-                Ok(None) => return,
-                Err(e) => self.fail(format!("node {id}: log write failed: {e}")),
-            };
-            let delay = self.rng.below(4);
-            if delay > 0 {
-                n.sync = Some((job, self.mono + delay));
-                return;
-            }
-            if let Err(e) = n.node.synced(&job, Ok(()), 0) {
-                self.fail(format!("node {id}: sync failed: {e}"));
-            }
         }
     }
 
@@ -989,12 +930,20 @@ impl Sim {
     }
 
     fn crash_in_turn(&mut self, id: u64, n: SimNode) {
-        // What was written and not synced reached the disk up to a random
-        // byte; nothing the turn produced left the process.
+        // The turn's writes reached the file up to a random byte; nothing
+        // it produced left the process.
+        let s0 = n.wal_size;
         let s1 = wal_len(&self.dir, id);
-        let (s0, keep) = self.lose_unsynced(id, &n);
+        let keep = s0 + self.rng.below(s1 - s0 + 1);
         self.close_all(id, n);
         self.lose_in_flight(id);
+        let path = self.dir.join(id.to_string()).join("wal");
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .expect("open wal");
+        f.set_len(keep).expect("truncate wal");
+        drop(f);
         let garbage = if self.rng.one_in(2) {
             self.append_garbage(id)
         } else {
@@ -2065,7 +2014,7 @@ impl Sim {
                     let g = self.append_garbage(id);
                     let d = self.down.get_mut(&id).unwrap();
                     d.restart_at = mono + self.rng.below(1_500);
-                    d.torn = (d.torn.0 + g, d.torn.1 + g);
+                    d.torn = (g, g);
                     self.note(|| format!("node {id}: {g} garbage bytes after its log"));
                 }
                 14..19 => self.crash_mid_turn = Some(id),

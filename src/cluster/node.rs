@@ -10,20 +10,8 @@
 //! the Raft tick timer fires, then [`Node::drive`] once: it forwards or
 //! batches the turn's commands, proposes one batch if leader, and handles
 //! raft-rs's `Ready` in the order the library requires (send, apply
-//! committed entries, append to the log, advance). Then
-//! [`Node::take_sync`]: the turn's log records are written to the file
-//! and the caller gets the `fdatasync` to run, on another thread or at
-//! once, and reports it done with [`Node::synced`].
-//!
-//! The sync runs while the node goes on (raft-rs's asynchronous
-//! persistence): messages that must wait for it (a follower's
-//! acknowledgements, a candidate's vote requests) wait in the node, and
-//! raft-rs gives out committed entries only up to what is on disk here,
-//! so nothing is answered from a log a crash could lose. At most one sync
-//! is in flight; what is appended meanwhile goes with the next one (group
-//! commit).
-
-use std::collections::VecDeque;
+//! committed entries, append and sync the log once, send what needed the
+//! sync, advance).
 
 use hashbrown::HashMap;
 use log::{info, warn};
@@ -35,12 +23,16 @@ use super::machine::{Event, Machine, ReplicatedEntropy};
 use super::queue::Queue;
 use super::store::Store;
 use crate::core::{ConnId, Core, Outbox};
-use crate::storage::wal::{self, Identity, SyncJob, Wal};
+use crate::storage::wal::{self, Identity, Wal};
 
 /// A snapshot is taken once this many entries follow the last one (or the
 /// log file passes [`SNAPSHOT_LOG_BYTES`]).
 pub const SNAPSHOT_ENTRIES: u64 = 10_000;
 pub const SNAPSHOT_LOG_BYTES: u64 = 64 << 20;
+
+/// What [`Node::drive`] calls before each log sync with the messages
+/// queued so far (see there).
+pub type BeforeSync<'a> = dyn FnMut(&mut Vec<(u64, Outgoing)>) + 'a;
 
 /// The file that marks a data dir whose node is recovering a lost log.
 pub const RECOVERING_MARKER: &str = "recovering";
@@ -173,16 +165,6 @@ pub struct Node {
     scratch_times: Vec<u64>,
     /// The latest ping stamp received from each peer, to echo.
     echo_due: HashMap<u64, u64>,
-    /// The number of the last `Ready` handled.
-    last_ready: u64,
-    /// Every `Ready` up to this number is on disk.
-    durable_ready: u64,
-    /// The first `Ready` whose records are appended and not yet written.
-    pending_from: Option<u64>,
-    /// A job from [`Node::take_sync`] has not been reported done.
-    sync_inflight: bool,
-    /// Messages to send once the `Ready` they came with is on disk.
-    waiting: VecDeque<(u64, Message)>,
 }
 
 impl Node {
@@ -280,11 +262,6 @@ impl Node {
             restored,
             scratch_times: Vec::new(),
             echo_due: HashMap::new(),
-            last_ready: 0,
-            durable_ready: 0,
-            pending_from: None,
-            sync_inflight: false,
-            waiting: VecDeque::new(),
             snapshot_entries: SNAPSHOT_ENTRIES,
             snapshot_sent: HashMap::new(),
             machine,
@@ -616,12 +593,21 @@ impl Node {
 
     /// One turn's work; see the module documentation. Applied replies go
     /// to `outbox`, this node's events to [`Node::events`], messages to
-    /// [`Node::out`]. Call [`Node::take_sync`] after it.
+    /// [`Node::out`].
+    ///
+    /// `before_sync` is called with [`Node::out`] just before each log
+    /// sync while it holds messages: everything in it may leave before the
+    /// sync (raft-rs's `messages`, forwards, pings, and what earlier syncs
+    /// of this turn released), so the caller can put it on the wire and
+    /// the followers write and sync their copy while the leader syncs its
+    /// own, instead of after. Taking nothing out is correct too: the rest
+    /// is left in [`Node::out`] for after the turn.
     pub fn drive(
         &mut self,
         mono: u64,
         core: &mut Core,
         outbox: &mut Outbox,
+        before_sync: &mut BeforeSync<'_>,
     ) -> Result<(), NodeError> {
         self.mono = mono;
         self.observe_leadership(mono);
@@ -631,7 +617,7 @@ impl Node {
             self.propose(mono);
         }
         while self.raw.has_ready() {
-            self.handle_ready(core, outbox)?;
+            self.handle_ready(core, outbox, before_sync)?;
             self.observe_leadership(mono);
         }
         if self.standby == Standby::Recovering
@@ -645,8 +631,8 @@ impl Node {
                 self.leader,
                 self.machine.applied()
             );
-            // What it applied is on disk (raft-rs gives out committed
-            // entries only up to what is), so the marker may go.
+            // What it caught up is durable (synced in this drive) before
+            // the marker goes.
             if let Err(e) = remove_marker(&self.marker) {
                 self.failed = Some(format!("cannot remove {}: {e}", self.marker.display()));
                 return Err(NodeError::Storage(wal::Error::Io {
@@ -867,20 +853,18 @@ impl Node {
         }
     }
 
-    fn handle_ready(&mut self, core: &mut Core, outbox: &mut Outbox) -> Result<(), NodeError> {
+    fn handle_ready(
+        &mut self,
+        core: &mut Core,
+        outbox: &mut Outbox,
+        before_sync: &mut BeforeSync<'_>,
+    ) -> Result<(), NodeError> {
         let mut rd = self.raw.ready();
-        let number = rd.number();
-        self.last_ready = number;
         self.send(rd.take_messages());
-        let snapshot = !rd.snapshot().is_empty();
-        if snapshot {
-            // The log file is rewritten from the store and synced: every
-            // earlier `Ready` is on disk with it.
+        if !rd.snapshot().is_empty() {
             self.install_snapshot(rd.snapshot().clone(), core)?;
-            self.pending_from = None;
         }
         self.apply(core, rd.take_committed_entries(), outbox);
-        let before = self.wal.pending();
         if !rd.entries().is_empty() {
             for e in rd.entries() {
                 self.wal.append(e.index, e.term, &e.data);
@@ -903,122 +887,23 @@ impl Node {
             }
             self.raw.mut_store().set_hard_state(hs.clone());
         }
-        if self.wal.pending() > before && self.pending_from.is_none() {
-            self.pending_from = Some(number);
+        if self.wal.pending() > 0 && !self.out.is_empty() {
+            before_sync(&mut self.out);
         }
-        if snapshot && self.pending_from.is_some() {
-            // raft-rs applies up to the snapshot only once it is persisted
-            // with its `Ready`: sync the rest of it here (snapshots are
-            // rare).
-            if let Err(e) = self.wal.sync() {
-                self.failed = Some(e.to_string());
-                return Err(NodeError::Storage(e));
-            }
-            self.pending_from = None;
+        self.sync()?;
+        self.send(rd.take_persisted_messages());
+        let mut light = self.raw.advance(rd);
+        if let Some(commit) = light.commit_index() {
+            self.raw.mut_store().set_commit(commit);
         }
-        for m in rd.take_persisted_messages() {
-            self.waiting.push_back((number, m));
-        }
-        self.raw.advance_append_async(rd);
-        if snapshot || (self.pending_from.is_none() && !self.sync_inflight) {
-            // Nothing of it or before it waits for a sync.
-            self.durable_through(number);
-        }
+        self.send(light.take_messages());
+        self.apply(core, light.take_committed_entries(), outbox);
         self.raw.advance_apply();
-        if self.maybe_compact(core)? {
-            // Rewritten from the store, this `Ready` included.
-            self.pending_from = None;
-            self.durable_through(number);
-        }
+        self.maybe_compact(core)?;
         self.stats.applied = self.machine.applied();
         self.stats.commit = self.raw.raft.raft_log.committed;
         self.stats.log_bytes = self.wal.size();
         Ok(())
-    }
-
-    /// Every `Ready` up to `n` is on disk: raft-rs learns it, and the
-    /// messages that waited for it may leave.
-    fn durable_through(&mut self, n: u64) {
-        if n <= self.durable_ready {
-            return;
-        }
-        self.durable_ready = n;
-        self.raw.on_persist_ready(n);
-        while self.waiting.front().is_some_and(|(k, _)| *k <= n) {
-            if let Some((_, m)) = self.waiting.pop_front() {
-                self.out.push((m.to, Outgoing::Raft(Box::new(m))));
-            }
-        }
-    }
-
-    /// Writes the records appended since the last job to the log file and
-    /// returns the `fdatasync` that makes them durable, unless nothing is
-    /// pending or a job is already out (what is appended meanwhile waits
-    /// for the next). Run it, then report with [`Node::synced`] and drive
-    /// the node again.
-    pub fn take_sync(&mut self) -> Result<Option<SyncJob>, NodeError> {
-        if self.sync_inflight || self.failed.is_some() {
-            return Ok(None);
-        }
-        match self.wal.write() {
-            Ok(Some(job)) => {
-                self.sync_inflight = true;
-                self.pending_from = None;
-                Ok(Some(job))
-            }
-            Ok(None) => Ok(None),
-            Err(e) => {
-                self.failed = Some(e.to_string());
-                Err(NodeError::Storage(e))
-            }
-        }
-    }
-
-    /// A job from [`Node::take_sync`] is done (`took_us`: how long the
-    /// sync took). A failed sync is final: the node stops.
-    pub fn synced(
-        &mut self,
-        job: &SyncJob,
-        result: std::io::Result<()>,
-        took_us: u64,
-    ) -> Result<(), NodeError> {
-        self.sync_inflight = false;
-        if let Err(e) = self.wal.synced(job, result) {
-            self.failed = Some(e.to_string());
-            return Err(NodeError::Storage(e));
-        }
-        self.stats.fsyncs += 1;
-        self.stats.fsync_us_total += took_us;
-        // Every `Ready` before the first unwritten one was written before
-        // the job was made (or has nothing to write).
-        let through = match self.pending_from {
-            Some(p) => p - 1,
-            None => self.last_ready,
-        };
-        self.durable_through(through);
-        Ok(())
-    }
-
-    /// [`Node::take_sync`] and the sync, at once on this thread. Returns
-    /// whether there was one.
-    pub fn sync_now(&mut self) -> Result<bool, NodeError> {
-        let Some(job) = self.take_sync()? else {
-            return Ok(false);
-        };
-        let t = std::time::Instant::now();
-        let r = job.run();
-        self.synced(&job, r, t.elapsed().as_micros() as u64)?;
-        Ok(true)
-    }
-
-    /// Whether a job from [`Node::take_sync`] is out.
-    pub fn sync_inflight(&self) -> bool {
-        self.sync_inflight
-    }
-
-    /// Bytes of the log file known to be on disk.
-    pub fn synced_log_bytes(&self) -> u64 {
-        self.wal.synced_size()
     }
 
     /// The state a snapshot carries: the machine's, then the core's.
@@ -1032,19 +917,17 @@ impl Node {
         data
     }
 
-    /// Compacts the log into a snapshot when it has grown enough. Returns
-    /// whether it did (the log file was then rewritten, synced, from the
-    /// store).
-    fn maybe_compact(&mut self, core: &Core) -> Result<bool, NodeError> {
+    /// Compacts the log into a snapshot when it has grown enough.
+    fn maybe_compact(&mut self, core: &Core) -> Result<(), NodeError> {
         let applied = self.machine.applied();
         let since = applied.saturating_sub(self.raw.store().snapshot_index());
         if since == 0 || (since < self.snapshot_entries && self.wal.size() < SNAPSHOT_LOG_BYTES) {
-            return Ok(false);
+            return Ok(());
         }
         let data = self.state_bytes(core);
         let bytes = data.len() as u64;
         let Some(snap) = self.raw.mut_store().compact(applied, data) else {
-            return Ok(false);
+            return Ok(());
         };
         let meta = snap.get_metadata();
         let wsnap = wal::Snapshot {
@@ -1061,7 +944,7 @@ impl Node {
             self.cfg.id,
             wsnap.index
         );
-        Ok(true)
+        Ok(())
     }
 
     /// Writes `snap` and the entries after it as the new log.
@@ -1142,6 +1025,24 @@ impl Node {
             snap.data.len()
         );
         Ok(())
+    }
+
+    fn sync(&mut self) -> Result<(), NodeError> {
+        if self.wal.pending() == 0 {
+            return Ok(());
+        }
+        let t = std::time::Instant::now();
+        match self.wal.sync() {
+            Ok(_) => {
+                self.stats.fsyncs += 1;
+                self.stats.fsync_us_total += t.elapsed().as_micros() as u64;
+                Ok(())
+            }
+            Err(e) => {
+                self.failed = Some(e.to_string());
+                Err(NodeError::Storage(e))
+            }
+        }
     }
 
     fn send(&mut self, msgs: Vec<Message>) {

@@ -23,8 +23,6 @@ use crate::core::{ConnId, Core};
 use crate::protocol::{Reply, Request, encode_reply};
 
 pub(super) const PEER_LISTENER: Token = Token(usize::MAX - 4);
-/// The log sync thread's wake-ups.
-pub(super) const SYNC_DONE: Token = Token(usize::MAX - 5);
 /// Inbound peer links use tokens from here up, outbound ones from
 /// [`PEER_OUT_BASE`] (both far above client and monitoring tokens).
 pub(super) const PEER_IN_BASE: usize = 1 << 41;
@@ -46,8 +44,6 @@ pub(super) struct Cluster {
     /// Whether the node had rejoined at the end of the last turn.
     was_joined: bool,
     deliveries: Vec<(ConnId, Vec<u8>)>,
-    /// Runs the log's syncs (set once the poll exists).
-    pub syncer: Option<super::syncer::Syncer>,
 }
 
 /// Encodes the node's outgoing messages into the peer links' buffers,
@@ -198,7 +194,6 @@ impl Cluster {
                 hello_has_state,
                 was_joined: false,
                 deliveries: Vec::new(),
-                syncer: None,
             },
             core,
         ))
@@ -477,23 +472,18 @@ impl Server {
         if cl.node.failed().is_some() {
             return;
         }
-        let mut result = cl.node.drive(now, &mut self.core, &mut self.outbox);
-        // The turn's log records go to the file now, and their sync to the
-        // sync thread (unless one is out: they go with the next).
-        if result.is_ok() {
-            match cl.node.take_sync() {
-                Ok(Some(job)) => match &cl.syncer {
-                    Some(syncer) => syncer.submit(job),
-                    None => {
-                        let t = std::time::Instant::now();
-                        let r = job.run();
-                        result = cl.node.synced(&job, r, t.elapsed().as_micros() as u64);
-                    }
-                },
-                Ok(None) => {}
-                Err(e) => result = Err(e),
-            }
-        }
+        // Messages go on the wire before each log sync, so followers sync
+        // their copy while the leader syncs its own.
+        let links = &mut cl.links;
+        let registry = self.poll.registry();
+        let result = cl
+            .node
+            .drive(now, &mut self.core, &mut self.outbox, &mut |out| {
+                if let Some(links) = links.as_mut() {
+                    send_out(links, out);
+                    links.flush(registry, now);
+                }
+            });
         // Applied replies reach only connections waiting for one. Others
         // are for connections of an earlier process of this node (its log
         // replayed) whose ids a new connection may have reused; a new
@@ -603,26 +593,6 @@ impl Server {
         let now = self.now;
         if let Some(links) = self.cluster.as_mut().and_then(|c| c.links.as_mut()) {
             links.flush(self.poll.registry(), now);
-        }
-    }
-
-    /// The sync thread finished a job: what waited for it may go on (the
-    /// turn that follows drives the node).
-    pub(super) fn on_sync_done(&mut self) {
-        let Some(cl) = self.cluster.as_mut() else {
-            return;
-        };
-        let Some(done) = cl.syncer.as_ref().and_then(|s| s.collect()) else {
-            return;
-        };
-        if let Err(e) = cl.node.synced(&done.job, done.result, done.took_us)
-            && !cl.failed_logged
-        {
-            cl.failed_logged = true;
-            error!(
-                "cluster node {} stops acknowledging: {e}",
-                cl.settings.node_id
-            );
         }
     }
 

@@ -12,7 +12,6 @@ mod http;
 pub mod metrics;
 mod peer;
 pub mod security;
-mod syncer;
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -161,8 +160,6 @@ impl Server {
                         Interest::READABLE,
                     )?;
                 }
-                let waker = mio::Waker::new(poll.registry(), cluster::SYNC_DONE)?;
-                cl.syncer = Some(syncer::Syncer::start(waker)?);
                 (Some(Box::new(cl)), core)
             }
             None => (
@@ -266,7 +263,6 @@ impl Server {
                 match event.token() {
                     LISTENER => self.accept_all(),
                     SIGNALS => self.on_signals(),
-                    cluster::SYNC_DONE => self.on_sync_done(),
                     HTTP_LISTENER => self.accept_http(),
                     Token(t) if t >= cluster::PEER_IN_BASE || t == cluster::PEER_LISTENER.0 => {
                         self.on_peer_event(t)

@@ -36,7 +36,6 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use super::crc::crc32c;
 
@@ -172,37 +171,13 @@ fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> Error {
 /// The open log.
 pub struct Wal {
     dir: PathBuf,
-    /// Shared with whoever runs an `fdatasync` of it off the event loop
-    /// (see [`Wal::write`]).
-    file: Arc<File>,
+    file: File,
     identity: Identity,
-    /// Records appended and not yet written.
+    /// Records appended since the last sync.
     buf: Vec<u8>,
     /// Bytes in the file (synced or written).
     size: u64,
-    /// Bytes of the file known to be on disk.
-    synced: u64,
-    /// Counts file replacements (snapshot installs), so that a sync of an
-    /// earlier file is not mistaken for one of the current file.
-    generation: u64,
     failed: bool,
-}
-
-/// A written part of the log to make durable: `fdatasync` [`SyncJob::file`]
-/// (anywhere, any thread), then hand the job back to the log's owner.
-#[derive(Clone, Debug)]
-pub struct SyncJob {
-    pub file: Arc<File>,
-    /// The file's size when the job was made.
-    pub size: u64,
-    pub generation: u64,
-}
-
-impl SyncJob {
-    /// Waits until what was written before the job was made is on disk.
-    pub fn run(&self) -> io::Result<()> {
-        self.file.sync_data()
-    }
 }
 
 impl Wal {
@@ -270,12 +245,10 @@ impl Wal {
             .len();
         let mut wal = Wal {
             dir: dir.to_path_buf(),
-            file: Arc::new(file),
+            file,
             identity,
             buf: Vec::with_capacity(64 * 1024),
             size,
-            synced: size,
-            generation: 0,
             failed: false,
         };
         if size == 0 {
@@ -317,38 +290,22 @@ impl Wal {
         self.size
     }
 
-    /// Bytes of the log file known to be on disk (the rest of
-    /// [`Wal::size`] is written and may be lost in a crash).
-    pub fn synced_size(&self) -> u64 {
-        self.synced
-    }
-
     /// Writes what was appended and waits until it is on disk. Returns the
     /// bytes written (0: nothing was pending, no syscall made). After a
     /// failure every later call fails: the node must stop acknowledging.
     pub fn sync(&mut self) -> Result<usize, Error> {
-        let n = self.pending();
-        let Some(job) = self.write()? else {
-            return Ok(0);
-        };
-        let r = job.run();
-        self.synced(&job, r)?;
-        Ok(n)
-    }
-
-    /// Writes what was appended to the file (no sync) and returns the job
-    /// that makes it durable, or `None` if nothing was pending. The caller
-    /// runs it (on another thread if it likes) and reports the result with
-    /// [`Wal::synced`]; appends and writes may go on meanwhile.
-    pub fn write(&mut self) -> Result<Option<SyncJob>, Error> {
         if self.failed {
             return Err(Error::Failed);
         }
         if self.buf.is_empty() {
-            return Ok(None);
+            return Ok(0);
         }
         let n = self.buf.len();
-        if let Err(e) = (&*self.file).write_all(&self.buf) {
+        let r = self
+            .file
+            .write_all(&self.buf)
+            .and_then(|()| self.file.sync_data());
+        if let Err(e) = r {
             self.failed = true;
             return Err(io_err(format!(
                 "writing {}",
@@ -357,30 +314,7 @@ impl Wal {
         }
         self.buf.clear();
         self.size += n as u64;
-        Ok(Some(SyncJob {
-            file: self.file.clone(),
-            size: self.size,
-            generation: self.generation,
-        }))
-    }
-
-    /// Records the outcome of a job from [`Wal::write`]. A failure is
-    /// final, as in [`Wal::sync`].
-    pub fn synced(&mut self, job: &SyncJob, result: io::Result<()>) -> Result<(), Error> {
-        if let Err(e) = result {
-            self.failed = true;
-            return Err(io_err(format!(
-                "syncing {}",
-                self.dir.join("wal").display()
-            ))(e));
-        }
-        if self.failed {
-            return Err(Error::Failed);
-        }
-        if job.generation == self.generation {
-            self.synced = self.synced.max(job.size);
-        }
-        Ok(())
+        Ok(n)
     }
 
     /// Makes `snap` the snapshot and rewrites the log to hold only `keep`
@@ -422,15 +356,11 @@ impl Wal {
         let bytes = std::mem::take(&mut self.buf);
         replace_file(&self.dir, "wal", &bytes)?;
         let path = self.dir.join("wal");
-        self.file = Arc::new(
-            OpenOptions::new()
-                .append(true)
-                .open(&path)
-                .map_err(io_err(format!("opening {}", path.display())))?,
-        );
-        self.generation += 1;
+        self.file = OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .map_err(io_err(format!("opening {}", path.display())))?;
         self.size = bytes.len() as u64;
-        self.synced = self.size;
         self.buf = bytes;
         self.buf.clear();
         Ok(())
