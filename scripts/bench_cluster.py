@@ -54,7 +54,7 @@ import tempfile
 import time
 import urllib.request
 
-DFLOCKD = "target/release/dflockd"
+DFLOCKD = os.environ.get("DFLOCKD_BIN", "target/release/dflockd")
 BENCH = "target/release/dflockd-bench"
 CONNS = (1, 10, 100)
 

@@ -338,6 +338,20 @@ fn solo_with_history(dir: &str) {
     assert_eq!(s.wait_exit(Duration::from_secs(10)), Some(0));
 }
 
+/// Where the records of a log file end: each is `len: u32 LE`, two
+/// checksums and `len` bytes; the zero-filled tail has length 0.
+fn log_end(bytes: &[u8]) -> usize {
+    let mut at = 0;
+    while at + 12 <= bytes.len() {
+        let len = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+        if len == 0 || at + 12 + len > bytes.len() {
+            break;
+        }
+        at += 12 + len;
+    }
+    at
+}
+
 #[test]
 fn data_dir_of_another_node_or_corrupted_is_refused_and_a_torn_tail_repaired() {
     let dir = TempDir::new("datadir");
@@ -348,11 +362,14 @@ fn data_dir_of_another_node_or_corrupted_is_refused_and_a_torn_tail_repaired() {
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("node"), "{err}");
 
-    // A torn tail: bytes of a record that never finished.
+    // A torn tail: bytes of a record that never finished, where the next
+    // record would have gone (the zero-filled tail after them).
     let wal = Path::new(&d).join("wal");
     let clean = std::fs::read(&wal).unwrap();
+    let end = log_end(&clean);
+    assert!(clean.len() > end, "the log is zero-filled ahead");
     let mut torn = clean.clone();
-    torn.extend_from_slice(&[40, 0, 0, 0, 1, 2, 3]);
+    torn[end..end + 7].copy_from_slice(&[40, 0, 0, 0, 1, 2, 3]);
     std::fs::write(&wal, &torn).unwrap();
     let mut s = Server::start(&["--data-dir", &d]);
     let mut c = s.connect();
@@ -365,7 +382,7 @@ fn data_dir_of_another_node_or_corrupted_is_refused_and_a_torn_tail_repaired() {
 
     // Corruption before the end: refused, naming the file and offset.
     let mut bad = std::fs::read(&wal).unwrap();
-    let mid = bad.len() / 2;
+    let mid = log_end(&bad) / 2;
     bad[mid] ^= 0xff;
     std::fs::write(&wal, &bad).unwrap();
     let (code, err) = dflockd(&["--data-dir", &d]);

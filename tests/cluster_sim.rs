@@ -230,6 +230,8 @@ struct SimNode {
     outbox: Outbox,
     /// The log file's size after the last completed turn.
     wal_size: u64,
+    /// Where its records ended then (the file is zero-filled after them).
+    log_end: u64,
     /// This process's client connections.
     conns: BTreeMap<ConnId, ServerConn>,
     /// Requests of this incarnation by seq: (connection, request number).
@@ -283,6 +285,8 @@ struct Down {
     /// Torn bytes its log must report at the next open (inclusive range).
     torn: (u64, u64),
     wiped: bool,
+    /// Where its log's records ended.
+    log_end: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -666,6 +670,7 @@ impl Sim {
             Err(e) => self.fail(format!("node {id}: no core from its data dir: {e}")),
         };
         let wal_size = wal_len(&self.dir, id);
+        let log_end = node.log_end();
         self.note(|| format!("node {id} starts ({ticks} ticks, from a snapshot: {from_snapshot})"));
         self.nodes.insert(
             id,
@@ -674,6 +679,7 @@ impl Sim {
                 core,
                 outbox: Outbox::default(),
                 wal_size,
+                log_end,
                 conns: BTreeMap::new(),
                 submitted: HashMap::new(),
                 next_seq: 1,
@@ -701,6 +707,7 @@ impl Sim {
             "node {id}: log of {size} bytes between turns, {} after the last turn",
             n.wal_size
         );
+        let log_end = n.log_end;
         self.close_all(id, n);
         self.lose_in_flight(id);
         self.down.insert(
@@ -709,6 +716,7 @@ impl Sim {
                 restart_at: u64::MAX,
                 torn: (0, 0),
                 wiped: false,
+                log_end,
             },
         );
         self.note(|| format!("node {id} crashes"));
@@ -734,15 +742,21 @@ impl Sim {
         self.counts.lost_with_crash += (before - self.net.len()) as u64;
     }
 
-    fn append_garbage(&mut self, id: u64) -> u64 {
+    /// Writes 1 to 48 random bytes at `at` of node `id`'s log, where a
+    /// record that never finished would be (the last one is not zero,
+    /// so all of them count as torn).
+    fn append_garbage(&mut self, id: u64, at: u64) -> u64 {
         let len = 1 + self.rng.below(48);
-        let bytes: Vec<u8> = (0..len).map(|_| self.rng.next() as u8).collect();
+        let mut bytes: Vec<u8> = (0..len).map(|_| self.rng.next() as u8).collect();
+        if let Some(b) = bytes.last_mut() {
+            *b |= 1;
+        }
         let path = self.dir.join(id.to_string()).join("wal");
-        let mut f = std::fs::OpenOptions::new()
-            .append(true)
+        let f = std::fs::OpenOptions::new()
+            .write(true)
             .open(&path)
             .expect("open wal");
-        std::io::Write::write_all(&mut f, &bytes).expect("append garbage");
+        std::os::unix::fs::FileExt::write_all_at(&f, &bytes, at).expect("write garbage");
         len
     }
 
@@ -931,10 +945,13 @@ impl Sim {
 
     fn crash_in_turn(&mut self, id: u64, n: SimNode) {
         // The turn's writes reached the file up to a random byte; nothing
-        // it produced left the process.
-        let s0 = n.wal_size;
-        let s1 = wal_len(&self.dir, id);
+        // it produced left the process. The rest of what it wrote is gone:
+        // the file cut there, or (the file already zero-filled that far)
+        // zeros.
+        let s0 = n.log_end;
+        let s1 = n.node.log_end();
         let keep = s0 + self.rng.below(s1 - s0 + 1);
+        let zeroed = self.rng.one_in(2);
         self.close_all(id, n);
         self.lose_in_flight(id);
         let path = self.dir.join(id.to_string()).join("wal");
@@ -942,10 +959,15 @@ impl Sim {
             .write(true)
             .open(&path)
             .expect("open wal");
-        f.set_len(keep).expect("truncate wal");
+        if zeroed {
+            let zeros = vec![0u8; (s1 - keep) as usize];
+            std::os::unix::fs::FileExt::write_all_at(&f, &zeros, keep).expect("zero wal");
+        } else {
+            f.set_len(keep).expect("truncate wal");
+        }
         drop(f);
         let garbage = if self.rng.one_in(2) {
-            self.append_garbage(id)
+            self.append_garbage(id, keep)
         } else {
             0
         };
@@ -958,11 +980,13 @@ impl Sim {
                 restart_at,
                 torn: (garbage, keep - s0 + garbage),
                 wiped: false,
+                log_end: keep,
             },
         );
         self.note(|| {
             format!(
-                "node {id} crashes mid-turn: log cut to {keep} of {s1} bytes (last turn ended at {s0}), {garbage} garbage bytes"
+                "node {id} crashes mid-turn: log cut to {keep} of {s1} bytes (last turn ended at {s0}, the rest {}), {garbage} garbage bytes",
+                if zeroed { "zeros" } else { "cut off" }
             )
         });
     }
@@ -982,6 +1006,7 @@ impl Sim {
             });
         }
         n.wal_size = wal_len(&self.dir, id);
+        n.log_end = n.node.log_end();
         let events = std::mem::take(&mut n.node.events);
         let mut stale = false;
         let mut restored = false;
@@ -2011,7 +2036,8 @@ impl Sim {
                     self.crash(id);
                     self.counts.crashes += 1;
                     self.counts.crashes_torn += 1;
-                    let g = self.append_garbage(id);
+                    let at = self.down[&id].log_end;
+                    let g = self.append_garbage(id, at);
                     let d = self.down.get_mut(&id).unwrap();
                     d.restart_at = mono + self.rng.below(1_500);
                     d.torn = (g, g);

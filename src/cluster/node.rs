@@ -344,6 +344,12 @@ impl Node {
         self.incarnation
     }
 
+    /// Where the records of this node's log file end (the file is
+    /// zero-filled after them).
+    pub fn log_end(&self) -> u64 {
+        self.wal.size()
+    }
+
     pub fn machine(&self) -> &Machine {
         &self.machine
     }
