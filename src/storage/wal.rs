@@ -67,7 +67,7 @@ const HEADER_LEN: usize = 12;
 
 /// How far past the last record the file is kept zero-filled.
 pub const PREALLOC: u64 = 1 << 20;
-const ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
 
 /// One Raft log entry, its payload opaque to the log.
 #[derive(Clone, Debug, PartialEq, Eq)]
