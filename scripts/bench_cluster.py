@@ -33,6 +33,9 @@ acknowledged release) are counted by the driver.
 
 Writes OUT/cluster.json, OUT/cluster.txt and OUT/cluster.svg.
 
+DFLOCKD_BIN=PATH runs another build of the server (an A/B of two commits
+with the same generator).
+
 Three members and the generator share the machine's cores, unpinned, on
 both sides; the single-node rows pin the server to CPU 0 and the generator
 to CPU 1 (as `make bench` does) when taskset and 2 CPUs are there.
