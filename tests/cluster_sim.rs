@@ -423,6 +423,8 @@ struct Counts {
     snapshots_sent: u64,
     snapshots_lost: u64,
     lost_with_crash: u64,
+    /// Messages put on the network by the before-sync hook.
+    sent_before_sync: u64,
 }
 
 macro_rules! check {
@@ -790,7 +792,16 @@ impl Sim {
                 n.node.tick();
                 self.enforce_leader_contact(id, &mut n);
             }
-            let r = n.node.drive(mono, &mut n.core, &mut n.outbox, &mut |_| {});
+            // As the server does, messages queued before a log sync may
+            // leave before it (in half the turns here; in the others they
+            // wait for the turn's end, which is as correct).
+            let early = self.rng.one_in(2);
+            let r = n.node.drive(mono, &mut n.core, &mut n.outbox, &mut |out| {
+                if early {
+                    self.counts.sent_before_sync += out.len() as u64;
+                    self.transmit(id, std::mem::take(out));
+                }
+            });
             if let Err(e) = r {
                 self.fail(format!("node {id}: drive failed: {e}"));
             }
@@ -944,8 +955,9 @@ impl Sim {
     }
 
     fn crash_in_turn(&mut self, id: u64, n: SimNode) {
-        // The turn's writes reached the file up to a random byte; nothing
-        // it produced left the process. The rest of what it wrote is gone:
+        // The turn's writes reached the file up to a random byte; of what
+        // it produced only the messages sent before its sync left the
+        // process. The rest of what it wrote is gone:
         // the file cut there, or (the file already zero-filled that far)
         // zeros.
         let s0 = n.log_end;
@@ -992,6 +1004,31 @@ impl Sim {
     }
 
     // ---- after a turn: replies, events, messages, checks ----
+
+    /// Puts a node's messages on the simulated network.
+    fn transmit(&mut self, id: u64, out: Vec<(u64, Outgoing)>) {
+        for (to, msg) in out {
+            let mut bytes = Vec::new();
+            let mut snapshot = false;
+            match msg {
+                Outgoing::Raft(m) => {
+                    snapshot = m.get_msg_type() == MessageType::MsgSnapshot;
+                    wire::encode_raft(&mut bytes, &m)
+                }
+                Outgoing::Forward(c) => wire::encode_forward(&mut bytes, &c),
+                Outgoing::Ping(stamp) => wire::encode_ping(&mut bytes, stamp),
+                Outgoing::Echo(stamp) => wire::encode_echo(&mut bytes, stamp),
+            }
+            if snapshot {
+                self.counts.snapshots_sent += 1;
+                self.note(|| format!("node {id} sends a snapshot to node {to}"));
+            }
+            if !self.send(id, to, bytes) && snapshot {
+                self.counts.snapshots_lost += 1;
+                self.note(|| format!("the network drops node {id}'s snapshot for node {to}"));
+            }
+        }
+    }
 
     fn after_turn(&mut self, id: u64, n: &mut SimNode) {
         let mono = self.mono;
@@ -1093,27 +1130,7 @@ impl Sim {
             self.check_digest(id, n);
         }
         let out = std::mem::take(&mut n.node.out);
-        for (to, msg) in out {
-            let mut bytes = Vec::new();
-            let mut snapshot = false;
-            match msg {
-                Outgoing::Raft(m) => {
-                    snapshot = m.get_msg_type() == MessageType::MsgSnapshot;
-                    wire::encode_raft(&mut bytes, &m)
-                }
-                Outgoing::Forward(c) => wire::encode_forward(&mut bytes, &c),
-                Outgoing::Ping(stamp) => wire::encode_ping(&mut bytes, stamp),
-                Outgoing::Echo(stamp) => wire::encode_echo(&mut bytes, stamp),
-            }
-            if snapshot {
-                self.counts.snapshots_sent += 1;
-                self.note(|| format!("node {id} sends a snapshot to node {to}"));
-            }
-            if !self.send(id, to, bytes) && snapshot {
-                self.counts.snapshots_lost += 1;
-                self.note(|| format!("the network drops node {id}'s snapshot for node {to}"));
-            }
-        }
+        self.transmit(id, out);
         if restored {
             // `cluster_turn`: requests in flight may have been applied
             // inside the snapshot, so their connections close.
