@@ -955,30 +955,55 @@ impl Sim {
     }
 
     fn crash_in_turn(&mut self, id: u64, n: SimNode) {
-        // The turn's writes reached the file up to a random byte; of what
-        // it produced only the messages sent before its sync left the
-        // process. The rest of what it wrote is gone:
-        // the file cut there, or (the file already zero-filled that far)
-        // zeros.
+        // Of what the turn produced only the messages sent before its sync
+        // left the process. What it wrote to the log, a sync that never
+        // returned, is on disk in part: up to a random byte (the file cut
+        // there, or the zeros that were there before after it), or, as a
+        // disk may write the pages of a sync in any order, some of its
+        // 4 KiB pages and not others.
         let s0 = n.log_end;
         let s1 = n.node.log_end();
-        let keep = s0 + self.rng.below(s1 - s0 + 1);
-        let zeroed = self.rng.one_in(2);
-        self.close_all(id, n);
-        self.lose_in_flight(id);
+        let how = self.rng.below(3);
         let path = self.dir.join(id.to_string()).join("wal");
         let f = std::fs::OpenOptions::new()
             .write(true)
             .open(&path)
             .expect("open wal");
-        if zeroed {
-            let zeros = vec![0u8; (s1 - keep) as usize];
-            std::os::unix::fs::FileExt::write_all_at(&f, &zeros, keep).expect("zero wal");
-        } else {
-            f.set_len(keep).expect("truncate wal");
-        }
+        let zero = |from: u64, to: u64| {
+            let zeros = vec![0u8; (to - from) as usize];
+            std::os::unix::fs::FileExt::write_all_at(&f, &zeros, from).expect("zero wal");
+        };
+        let (keep, what) = match how {
+            0 | 1 => {
+                let keep = s0 + self.rng.below(s1 - s0 + 1);
+                if how == 0 {
+                    f.set_len(keep).expect("truncate wal");
+                } else {
+                    zero(keep, s1);
+                }
+                (keep, if how == 0 { "cut off" } else { "zeros" })
+            }
+            _ => {
+                let mut page = s0 / 4096 * 4096;
+                let mut lost = 0;
+                while page < s1 {
+                    let (from, to) = (page.max(s0), (page + 4096).min(s1));
+                    if self.rng.one_in(2) {
+                        zero(from, to);
+                        lost += 1;
+                    }
+                    page += 4096;
+                }
+                self.note(|| format!("node {id}: {lost} pages of its last sync lost"));
+                (s1, "some pages lost")
+            }
+        };
         drop(f);
-        let garbage = if self.rng.one_in(2) {
+        self.close_all(id, n);
+        self.lose_in_flight(id);
+        // Garbage where the next record would go (not after lost pages:
+        // nothing would write there).
+        let garbage = if how < 2 && self.rng.one_in(2) {
             self.append_garbage(id, keep)
         } else {
             0
@@ -997,8 +1022,7 @@ impl Sim {
         );
         self.note(|| {
             format!(
-                "node {id} crashes mid-turn: log cut to {keep} of {s1} bytes (last turn ended at {s0}, the rest {}), {garbage} garbage bytes",
-                if zeroed { "zeros" } else { "cut off" }
+                "node {id} crashes mid-turn: log of {s1} bytes (last turn ended at {s0}): {what} from {keep}, {garbage} garbage bytes"
             )
         });
     }

@@ -11,6 +11,7 @@
 //!   1 entry       index u64 | term u64 | data
 //!   2 hard state  term u64 | vote u64 | commit u64
 //!   3 snapshot    index u64 | term u64 | meta_len u32 | meta | data
+//!   4 sync mark   (empty: begins the records of one sync)
 //! ```
 //!
 //! Appends are buffered and made durable together by [`Wal::sync`]: one
@@ -29,15 +30,18 @@
 //! at the first write.)
 //!
 //! Recovery reads the file front to back. At the first record that is
-//! incomplete or fails a checksum it looks for any valid record further on
-//! (the length has its own checksum, so record starts are recognisable).
-//! None: if only zeros follow, that is the zero-filled tail and the log
-//! ends there. Otherwise the damage is a *torn tail* left by a crash
-//! mid-write, and the file is truncated before it (its size, up to the
-//! last non-zero byte, is reported). Some: the damage is *corruption* in
-//! the middle, and opening fails naming the file and offset: silently
-//! dropping acknowledged entries would break Raft's guarantees, so an
-//! operator must decide.
+//! incomplete or fails a checksum it looks further on for a valid sync
+//! mark (the length has its own checksum, so record starts are
+//! recognisable). None: the damage is in the records of the last sync,
+//! which a crash may have left with any of their pages on disk and others
+//! not (they overwrite blocks the file has, so the disk may write them in
+//! any order); that sync never returned, so nothing in it was
+//! acknowledged, and the file is truncated before the damage (a *torn
+//! tail*; its size, up to the last non-zero byte, is reported, and zeros
+//! alone are just the zero-filled tail). Some: a later sync began, so the
+//! damaged one had completed: that is *corruption*, and opening fails
+//! naming the file and offset: silently dropping acknowledged entries
+//! would break Raft's guarantees, so an operator must decide.
 //!
 //! Compaction: [`Wal::install_snapshot`] writes the snapshot (tmp file,
 //! fsync, rename, directory fsync), then rewrites the log with only the
@@ -56,6 +60,7 @@ const KIND_HEADER: u8 = 0;
 const KIND_ENTRY: u8 = 1;
 const KIND_HARD_STATE: u8 = 2;
 const KIND_SNAPSHOT: u8 = 3;
+const KIND_SYNC: u8 = 4;
 
 /// The largest log record body: a Raft entry carries one client request
 /// (at most a 64 KiB signal payload) or a batch; 64 MiB bounds it loosely.
@@ -295,6 +300,7 @@ impl Wal {
     /// Appends an entry (durable at the next [`sync`](Wal::sync)). An entry
     /// at an index already in the log replaces it and everything after.
     pub fn append(&mut self, index: u64, term: u64, data: &[u8]) {
+        self.mark_sync();
         let start = begin(&mut self.buf, KIND_ENTRY);
         self.buf.extend_from_slice(&index.to_le_bytes());
         self.buf.extend_from_slice(&term.to_le_bytes());
@@ -304,11 +310,21 @@ impl Wal {
 
     /// Records the hard state (durable at the next sync).
     pub fn set_hard_state(&mut self, hs: &HardState) {
+        self.mark_sync();
         let start = begin(&mut self.buf, KIND_HARD_STATE);
         for v in [hs.term, hs.vote, hs.commit] {
             self.buf.extend_from_slice(&v.to_le_bytes());
         }
         finish(&mut self.buf, start);
+    }
+
+    /// The first record of the next sync is its sync mark (see recovery
+    /// in the module documentation).
+    fn mark_sync(&mut self) {
+        if self.buf.is_empty() {
+            let start = begin(&mut self.buf, KIND_SYNC);
+            finish(&mut self.buf, start);
+        }
     }
 
     /// Bytes appended and not yet synced.
@@ -525,12 +541,16 @@ fn next_record<'a>(
     if let Some(n) = valid_at(rest, max) {
         return Ok(Next::Record(&rest[HEADER_LEN..n]));
     }
-    match (pos + 1..bytes.len()).find(|&q| valid_at(&bytes[q..], max).is_some()) {
+    // A later sync's mark means the damaged sync had returned.
+    let later_sync = |q: usize| {
+        valid_at(&bytes[q..], max).is_some() && bytes.get(q + HEADER_LEN) == Some(&KIND_SYNC)
+    };
+    match (pos + 1..bytes.len()).find(|&q| later_sync(q)) {
         None => Ok(Next::Torn),
         Some(q) => Err(Error::Corrupt {
             file: file.to_path_buf(),
             offset: pos as u64,
-            what: format!("a damaged record, with valid records after it (from byte {q})"),
+            what: format!("a damaged record, with a later sync's records after it (from byte {q})"),
         }),
     }
 }
@@ -590,6 +610,7 @@ fn scan_log(path: &Path, bytes: &[u8]) -> Result<Scan, Error> {
                     data: p[16..].to_vec(),
                 });
             }
+            (KIND_SYNC, Some(_)) => {}
             (KIND_HARD_STATE, Some(_)) => {
                 if p.len() != 24 {
                     return Err(corrupt("bad hard state record"));
@@ -838,15 +859,16 @@ mod tests {
     }
 
     #[test]
-    fn damage_before_the_tail_is_refused_with_its_offset() {
+    fn damage_before_the_last_sync_is_refused_with_its_offset() {
         let d = Dir::new("corrupt");
         write_entries(&d.0, 1..=20, 1);
+        let first = log_end(&d.0);
+        write_entries(&d.0, 21..=22, 1);
         let path = d.0.join("wal");
         let good = fs::read(&path).unwrap();
-        let end = log_end(&d.0);
-        // Byte 54 is in the second record's length field: a length that
-        // runs past the end must not pass for a torn tail.
-        for at in [54usize, 60, 70, end / 2] {
+        // Byte 54 is in the first sync's first records: a length that runs
+        // past the end must not pass for a torn tail either.
+        for at in [54usize, 60, 70, 80, first / 2, first - 1] {
             let mut bad = good.clone();
             bad[at] ^= 0x01;
             fs::write(&path, &bad).unwrap();
@@ -862,6 +884,32 @@ mod tests {
             }
             // Nothing was repaired or truncated.
             assert_eq!(fs::read(&path).unwrap(), bad);
+        }
+    }
+
+    #[test]
+    fn damage_inside_the_last_sync_is_a_torn_tail() {
+        // A crash during a sync can leave any of its pages on disk and not
+        // others: its later records may be intact after a damaged one.
+        let d = Dir::new("last-sync");
+        write_entries(&d.0, 1..=10, 1);
+        let first = log_end(&d.0);
+        write_entries(&d.0, 11..=30, 1);
+        let end = log_end(&d.0);
+        let path = d.0.join("wal");
+        let good = fs::read(&path).unwrap();
+        for (from, len) in [(first, 13), (first + 20, 200), ((first + end) / 2, 64)] {
+            let mut bad = good.clone();
+            bad[from..from + len].fill(0);
+            fs::write(&path, &bad).unwrap();
+            let (_, rec) = Wal::open(&d.0, ID).unwrap();
+            let last = rec.entries.last().unwrap().index;
+            assert!((10..30).contains(&last), "zeros at {from}: last {last}");
+            assert_eq!(rec.entries.len() as u64, last);
+            assert!(rec.torn_bytes > 0);
+            let (_, again) = Wal::open(&d.0, ID).unwrap();
+            assert_eq!((again.torn_bytes, again.entries.len() as u64), (0, last));
+            fs::write(&path, &good).unwrap();
         }
     }
 
