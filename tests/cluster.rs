@@ -527,6 +527,15 @@ fn a_full_data_disk_stops_the_node_acknowledging_with_a_clear_error() {
         log.contains("stops acknowledging") && log.contains("No space left on device"),
         "{log}"
     );
+    // The 1 MiB zero-filled tail never fitted (from the first sync, at
+    // start): the log went on without it (the cycles above were
+    // acknowledged), saying so once.
+    let all = format!("{}\n{log}", s.startup_log.join("\n"));
+    assert_eq!(
+        all.matches("cannot zero-fill ahead of the log").count(),
+        1,
+        "{all}"
+    );
 }
 
 #[test]

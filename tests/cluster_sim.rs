@@ -955,13 +955,14 @@ impl Sim {
     }
 
     fn crash_in_turn(&mut self, id: u64, n: SimNode) {
-        // Of what the turn produced only the messages sent before its sync
-        // left the process. What it wrote to the log, a sync that never
+        // Of what the turn produced only the messages sent before its last
+        // sync left the process (they include what its earlier syncs, which
+        // returned, released). What that last sync wrote, a sync that never
         // returned, is on disk in part: up to a random byte (the file cut
         // there, or the zeros that were there before after it), or, as a
         // disk may write the pages of a sync in any order, some of its
         // 4 KiB pages and not others.
-        let s0 = n.log_end;
+        let s0 = n.log_end.max(n.node.last_sync_at());
         let s1 = n.node.log_end();
         let how = self.rng.below(3);
         let path = self.dir.join(id.to_string()).join("wal");
@@ -1022,7 +1023,7 @@ impl Sim {
         );
         self.note(|| {
             format!(
-                "node {id} crashes mid-turn: log of {s1} bytes (last turn ended at {s0}): {what} from {keep}, {garbage} garbage bytes"
+                "node {id} crashes mid-turn: log of {s1} bytes (its last sync from {s0}): {what} from {keep}, {garbage} garbage bytes"
             )
         });
     }

@@ -350,6 +350,12 @@ impl Node {
         self.wal.size()
     }
 
+    /// Where the records of the log's last sync begin (they end at
+    /// [`Node::log_end`]).
+    pub fn last_sync_at(&self) -> u64 {
+        self.wal.last_sync_at()
+    }
+
     pub fn machine(&self) -> &Machine {
         &self.machine
     }

@@ -200,6 +200,8 @@ pub struct Wal {
     size: u64,
     /// The file's length: records, then zeros.
     allocated: u64,
+    /// Where the records of the last sync begin.
+    last_sync_at: u64,
     zero_fill_failed: bool,
     failed: bool,
 }
@@ -284,6 +286,7 @@ impl Wal {
             buf: Vec::with_capacity(64 * 1024),
             size,
             allocated,
+            last_sync_at: size,
             zero_fill_failed: false,
             failed: false,
         };
@@ -338,6 +341,12 @@ impl Wal {
         self.size
     }
 
+    /// Where the records of the last sync begin (they end at
+    /// [`Wal::size`]): what a crash during that sync could have lost.
+    pub fn last_sync_at(&self) -> u64 {
+        self.last_sync_at
+    }
+
     /// Writes what was appended and waits until it is on disk. Returns the
     /// bytes written (0: nothing was pending, no syscall made). After a
     /// failure every later call fails: the node must stop acknowledging.
@@ -349,6 +358,7 @@ impl Wal {
             return Ok(0);
         }
         let n = self.buf.len();
+        self.last_sync_at = self.size;
         let r = self.file.write_all_at(&self.buf, self.size).and_then(|()| {
             self.zero_fill(self.size + n as u64);
             self.file.sync_data()
@@ -437,6 +447,7 @@ impl Wal {
             .map_err(io_err(format!("opening {}", path.display())))?;
         self.size = bytes.len() as u64;
         self.allocated = self.size;
+        self.last_sync_at = self.size;
         self.buf = bytes;
         self.buf.clear();
         Ok(())
@@ -1000,7 +1011,11 @@ mod tests {
         assert_eq!(w.size(), size);
         w.append(1, 1, b"x");
         assert!(w.pending() > 0);
-        assert!(w.sync().unwrap() > 0);
+        let n = w.sync().unwrap() as u64;
+        assert!(n > 0);
         assert_eq!(w.pending(), 0);
+        assert_eq!((w.last_sync_at(), w.size()), (size, size + n));
+        assert_eq!(w.sync().unwrap(), 0);
+        assert_eq!(w.last_sync_at(), size, "an empty sync is not a sync");
     }
 }
