@@ -112,9 +112,20 @@ impl Server {
         format!("127.0.0.1:{}", self.port)
     }
 
-    /// Log lines printed so far.
+    /// Log lines printed so far: until none has come for 200 ms (at most
+    /// 5 s). A line the server wrote just before a reply the test has
+    /// seen may still be on its way through the pipe and the reader
+    /// thread; taking only what had arrived raced with it.
     pub fn drain_log(&self) -> Vec<String> {
-        self.log.try_iter().collect()
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut lines = Vec::new();
+        while let Ok(l) = self.log.recv_timeout(Duration::from_millis(200)) {
+            lines.push(l);
+            if Instant::now() > deadline {
+                break;
+            }
+        }
+        lines
     }
 
     /// Every log line up to the end of the server's output (after it exited).
